@@ -91,7 +91,9 @@ class GGUFFile:
             raise UnsupportedTensorType(
                 f"{self.path}: tensor '{name}' uses ggml type {info.type_name}, which edgelm cannot "
                 "decode; re-quantize the model to a K-quant or Q8_0/Q4_0 type") from None
-        return np.asarray(values, dtype=np.float32).reshape(info.shape)
+        values = np.asarray(values, dtype=np.float32).reshape(info.shape)
+        # F32 tensors come back as views of the read-only memory map; callers get arrays they own.
+        return values if values.flags.writeable else values.copy()
 
     @property
     def tensor_bytes(self) -> int:

@@ -1,0 +1,84 @@
+"""Gemma 3 (text): interleaved sliding-window (local) and global attention, QK-norm, sandwich norms,
+GeGLU, embeddings scaled by sqrt(dim), tied output, rope base 10k on local and 1M on global layers."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgelm.models.base import (Attention, FeedForward, ModelArgs, RMSNorm, Transformer, common_tensor_names,
+                                metadata_value)
+
+ARCHITECTURES = ("gemma3",)
+
+# Values llama.cpp hard-codes for Gemma 3 rather than reading them from the file.
+_LOCAL_ROPE_BASE = 10000.0
+_SLIDING_WINDOW_PATTERN = 6
+
+
+def args_from_metadata(metadata: dict[str, Any], source: str) -> ModelArgs:
+    arch = metadata["general.architecture"]
+
+    def get(key: str, default: Any = ...) -> Any:
+        return metadata_value(metadata, f"{arch}.{key}", source, default)
+
+    n_heads = get("attention.head_count")
+    dim = get("embedding_length")
+    head_dim = get("attention.key_length", dim // n_heads)
+    return ModelArgs(
+        arch=arch,
+        vocab_size=len(metadata_value(metadata, "tokenizer.ggml.tokens", source)),
+        dim=dim,
+        n_layers=get("block_count"),
+        n_heads=n_heads,
+        n_kv_heads=get("attention.head_count_kv", n_heads),
+        head_dim=head_dim,
+        hidden_dim=get("feed_forward_length"),
+        norm_eps=get("attention.layer_norm_rms_epsilon", 1e-6),
+        rope_base=get("rope.freq_base", 1_000_000.0),
+        rope_base_local=_LOCAL_ROPE_BASE,
+        rope_neox=True,
+        max_context=get("context_length", 32768),
+        tie_embeddings=True,  # replaced by False in load_state when the file has output.weight
+        sliding_window=get("attention.sliding_window", 512),
+        sliding_window_pattern=_SLIDING_WINDOW_PATTERN,
+        extra={"final_logit_softcapping": get("final_logit_softcapping", None)},
+    )
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        # Gemma 3 scales queries by 1/sqrt(head_dim) (query_pre_attn_scalar = head_dim for these sizes).
+        self.attn = Attention(args, qk_norm=True, scale=1.0 / math.sqrt(args.head_dim))
+        self.ffn = FeedForward(args.dim, args.hidden_dim, "gelu_tanh")
+        self.attn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.post_attn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.post_ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, mask, input_pos, kv_len):
+        x = x + self.post_attn_norm(self.attn(self.attn_norm(x), cos, sin, mask, input_pos, kv_len))
+        return x + self.post_ffn_norm(self.ffn(self.ffn_norm(x)))
+
+
+def build(args: ModelArgs) -> Transformer:
+    return Transformer(args, [Block(args) for _ in range(args.n_layers)], embed_scale=math.sqrt(args.dim),
+                       final_softcap=args.extra.get("final_logit_softcapping"))
+
+
+def tensor_names(args: ModelArgs) -> dict[str, str]:
+    """Model parameter name -> GGUF tensor name."""
+    names = common_tensor_names(args)
+    for i in range(args.n_layers):
+        p, g = f"layers.{i}.", f"blk.{i}."
+        names.update({
+            p + "attn.q_norm.weight": g + "attn_q_norm.weight",
+            p + "attn.k_norm.weight": g + "attn_k_norm.weight",
+            p + "post_attn_norm.weight": g + "post_attention_norm.weight",
+            p + "post_ffn_norm.weight": g + "post_ffw_norm.weight",
+        })
+    return names
