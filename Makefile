@@ -24,7 +24,7 @@ setup-test: $(VENV)/.test
 
 demo: setup
 	$(BIN)/edgelm pull gemma-3-270m
-	$(BIN)/edgelm generate -m gemma-3-270m -p "The three largest cities of France are" -n 48 --temp 0
+	$(BIN)/edgelm generate -m gemma-3-270m -p "The Eiffel Tower is located in the city of" -n 48 --temp 0
 	$(BIN)/edgelm bench -m gemma-3-270m -p 128 -n 32 --reps 1 --brief
 
 test: setup-test
