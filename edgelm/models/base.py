@@ -74,6 +74,36 @@ def common_tensor_names(args: ModelArgs) -> dict[str, str]:
     return names
 
 
+class ArchMetadata:
+    """Reads `{arch}.*` hyper-parameters; a missing required key is a ModelFormatError naming it."""
+
+    def __init__(self, metadata: dict[str, Any], source: str):
+        self.metadata, self.source = metadata, source
+        self.arch = metadata["general.architecture"]
+
+    def get(self, key: str, default: Any = ...) -> Any:
+        return metadata_value(self.metadata, f"{self.arch}.{key}", self.source, default)
+
+    def model_args(self, *, norm_eps: float, rope_base: float, context: int, **overrides: Any) -> ModelArgs:
+        """ModelArgs from the keys every architecture shares; the defaults are llama.cpp's for the arch."""
+        n_heads = self.get("attention.head_count")
+        dim = self.get("embedding_length")
+        common = dict(
+            arch=self.arch,
+            vocab_size=len(metadata_value(self.metadata, "tokenizer.ggml.tokens", self.source)),
+            dim=dim,
+            n_layers=self.get("block_count"),
+            n_heads=n_heads,
+            n_kv_heads=self.get("attention.head_count_kv", n_heads),
+            head_dim=self.get("attention.key_length", dim // n_heads),
+            hidden_dim=self.get("feed_forward_length"),
+            norm_eps=self.get("attention.layer_norm_rms_epsilon", norm_eps),
+            rope_base=self.get("rope.freq_base", rope_base),
+            max_context=self.get("context_length", context),
+        )
+        return ModelArgs(**{**common, **overrides})
+
+
 def metadata_value(metadata: dict[str, Any], key: str, source: str, default: Any = ...) -> Any:
     """A GGUF metadata value; a missing required key is a ModelFormatError naming it."""
     if key in metadata:

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgelm.models.base import (Attention, FeedForward, ModelArgs, RMSNorm, Transformer, common_tensor_names,
-                                metadata_value)
+from edgelm.models.base import (ArchMetadata, Attention, FeedForward, ModelArgs, RMSNorm, Transformer,
+                                common_tensor_names)
 
 ARCHITECTURES = ("gemma3",)
 
@@ -20,32 +20,14 @@ _SLIDING_WINDOW_PATTERN = 6
 
 
 def args_from_metadata(metadata: dict[str, Any], source: str) -> ModelArgs:
-    arch = metadata["general.architecture"]
-
-    def get(key: str, default: Any = ...) -> Any:
-        return metadata_value(metadata, f"{arch}.{key}", source, default)
-
-    n_heads = get("attention.head_count")
-    dim = get("embedding_length")
-    head_dim = get("attention.key_length", dim // n_heads)
-    return ModelArgs(
-        arch=arch,
-        vocab_size=len(metadata_value(metadata, "tokenizer.ggml.tokens", source)),
-        dim=dim,
-        n_layers=get("block_count"),
-        n_heads=n_heads,
-        n_kv_heads=get("attention.head_count_kv", n_heads),
-        head_dim=head_dim,
-        hidden_dim=get("feed_forward_length"),
-        norm_eps=get("attention.layer_norm_rms_epsilon", 1e-6),
-        rope_base=get("rope.freq_base", 1_000_000.0),
+    meta = ArchMetadata(metadata, source)
+    return meta.model_args(
+        norm_eps=1e-6, rope_base=1_000_000.0, context=32768,
         rope_base_local=_LOCAL_ROPE_BASE,
         rope_neox=True,
-        max_context=get("context_length", 32768),
-        tie_embeddings=True,  # replaced by False in load_state when the file has output.weight
-        sliding_window=get("attention.sliding_window", 512),
+        sliding_window=meta.get("attention.sliding_window", 512),
         sliding_window_pattern=_SLIDING_WINDOW_PATTERN,
-        extra={"final_logit_softcapping": get("final_logit_softcapping", None)},
+        extra={"final_logit_softcapping": meta.get("final_logit_softcapping", None)},
     )
 
 

@@ -7,36 +7,19 @@ from typing import Any
 
 from torch import nn
 
-from edgelm.models.base import (Attention, FeedForward, ModelArgs, RMSNorm, Transformer, common_tensor_names,
-                                metadata_value)
+from edgelm.models.base import (ArchMetadata, Attention, FeedForward, ModelArgs, RMSNorm, Transformer,
+                                common_tensor_names)
 
 ARCHITECTURES = ("llama", "qwen2")
 
 
 def args_from_metadata(metadata: dict[str, Any], source: str) -> ModelArgs:
-    arch = metadata["general.architecture"]
-
-    def get(key: str, default: Any = ...) -> Any:
-        return metadata_value(metadata, f"{arch}.{key}", source, default)
-
-    n_heads = get("attention.head_count")
-    dim = get("embedding_length")
-    return ModelArgs(
-        arch=arch,
-        vocab_size=len(metadata_value(metadata, "tokenizer.ggml.tokens", source)),
-        dim=dim,
-        n_layers=get("block_count"),
-        n_heads=n_heads,
-        n_kv_heads=get("attention.head_count_kv", n_heads),
-        head_dim=get("attention.key_length", dim // n_heads),
-        hidden_dim=get("feed_forward_length"),
-        norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5),
-        rope_base=get("rope.freq_base", 10000.0),
+    meta = ArchMetadata(metadata, source)
+    return meta.model_args(
+        norm_eps=1e-5, rope_base=10000.0, context=4096,
         # llama.cpp's converter permutes Llama q/k weights to interleaved pairs; Qwen2 keeps NeoX halves.
-        rope_neox=arch != "llama",
-        max_context=get("context_length", 4096),
-        tie_embeddings=True,  # replaced by False in load_state when the file has output.weight
-        extra={"qkv_bias": arch == "qwen2"},
+        rope_neox=meta.arch != "llama",
+        extra={"qkv_bias": meta.arch == "qwen2"},
     )
 
 
