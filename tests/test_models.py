@@ -77,6 +77,31 @@ def test_untied_output_is_loaded(tmp_path):
     assert model.output is not None and not model.args.tie_embeddings
 
 
+@pytest.mark.parametrize("drop, error, message", [
+    ("tokenizer.ggml.tokens", "TokenizerError", "tokenizer.ggml.tokens"),
+    ("tokenizer.ggml.model", "TokenizerError", "tokenizer.ggml.model"),
+    ("qwen2.block_count", "ModelFormatError", "qwen2.block_count"),
+])
+def test_missing_keys_are_named_errors(tmp_path, drop, error, message):
+    import edgelm
+    from edgelm import errors
+
+    path = write_tiny_model(tmp_path / "damaged.gguf", TinyConfig(arch="qwen2"), drop_keys=(drop,))
+    with pytest.raises(getattr(errors, error), match=message) as info:
+        edgelm.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_unknown_architecture_is_named(tmp_path):
+    import edgelm
+    from edgelm.errors import UnsupportedArchitecture
+
+    path = write_tiny_model(tmp_path / "mamba.gguf", TinyConfig(arch="qwen2"),
+                            extra_metadata={"general.architecture": "mamba"})
+    with pytest.raises(UnsupportedArchitecture, match="architecture 'mamba' is not supported"):
+        edgelm.load(path)
+
+
 @pytest.mark.llama_cpp
 @pytest.mark.parametrize("arch", ARCHS)
 def test_logits_match_llama_cpp(tmp_path, arch):

@@ -37,7 +37,9 @@ _UINT32_KEYS = {"block_count", "context_length", "embedding_length", "feed_forwa
                 "attention.value_length", "attention.sliding_window"}
 
 
-def write_tiny_model(path: Path, config: TinyConfig, extra_metadata: dict[str, Any] | None = None) -> Path:
+def write_tiny_model(path: Path, config: TinyConfig, extra_metadata: dict[str, Any] | None = None,
+                     drop_keys: tuple[str, ...] = ()) -> Path:
+    """Write the model; `extra_metadata` adds or overrides keys, `drop_keys` leaves keys out (damaged files)."""
     import gguf
 
     rng = np.random.default_rng(config.seed)
@@ -46,7 +48,7 @@ def write_tiny_model(path: Path, config: TinyConfig, extra_metadata: dict[str, A
     c = config
     if c.head_dim is None:
         c = replace(c, head_dim=32 if c.arch == "gemma3" else c.dim // c.n_heads)
-    writer = gguf.GGUFWriter(str(path), c.arch)
+    writer = gguf.GGUFWriter(str(path), (extra_metadata or {}).get("general.architecture", c.arch))
     hparams: dict[str, Any] = {
         "context_length": c.context, "embedding_length": c.dim, "block_count": c.n_layers,
         "feed_forward_length": c.hidden_dim, "attention.head_count": c.n_heads,
@@ -57,9 +59,11 @@ def write_tiny_model(path: Path, config: TinyConfig, extra_metadata: dict[str, A
     if c.arch == "gemma3":
         hparams["attention.sliding_window"] = c.sliding_window
     for key, value in hparams.items():
-        _add(writer, f"{c.arch}.{key}", value, uint32=key in _UINT32_KEYS)
+        if f"{c.arch}.{key}" not in drop_keys:
+            _add(writer, f"{c.arch}.{key}", value, uint32=key in _UINT32_KEYS)
     for key, value in {**vocab, **(extra_metadata or {})}.items():
-        _add(writer, key, value, uint32=key.endswith("_token_id"))
+        if key not in drop_keys:
+            _add(writer, key, value, uint32=key.endswith("_token_id"))
 
     def weight(name: str, rows: int, cols: int, scale: float) -> None:
         _add_tensor(writer, name, rng.normal(0, scale, (rows, cols)).astype(np.float32), c.weight_type)
