@@ -42,3 +42,7 @@ class GenerationError(EdgelmError):
 
 class BenchmarkError(EdgelmError):
     """A benchmark cannot run as asked, e.g. the llama.cpp peer is not installed."""
+
+
+class RecipeError(EdgelmError):
+    """A compression recipe has an unknown step, an unknown field or an invalid value."""

@@ -1,0 +1,6 @@
+"""Compression: recipes of typed steps applied to a model (`compress(model, [RTN(bits=4)])`)."""
+
+from edgelm.compress.quant.rtn import RTN
+from edgelm.compress.recipe import STEPS, Step, compress, parse_recipe
+
+__all__ = ["compress", "parse_recipe", "Step", "STEPS", "RTN"]
