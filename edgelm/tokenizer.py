@@ -403,9 +403,12 @@ class Tokenizer:
             raise TokenizerError(f"{source}: tokenizer.ggml.add_bos_token is true, but "
                                  "tokenizer.ggml.bos_token_id is not set; the file is malformed, re-convert it")
         eos_ids = _end_of_generation_ids(reader, token_to_id, attrs, eos_id)
-        return cls(tokens=tokens, attrs=attrs, words=words, bos_id=bos_id, eos_id=eos_id, eos_ids=eos_ids,
-                   add_bos=add_bos, add_space_prefix=add_space_prefix,
-                   chat_template=metadata.get("tokenizer.chat_template"), source=source)
+        tokenizer = cls(tokens=tokens, attrs=attrs, words=words, bos_id=bos_id, eos_id=eos_id, eos_ids=eos_ids,
+                        add_bos=add_bos, add_space_prefix=add_space_prefix,
+                        chat_template=metadata.get("tokenizer.chat_template"), source=source)
+        # Kept so that compressed artifacts can carry the tokenizer (the lists are shared, not copied).
+        tokenizer.metadata = {k: v for k, v in metadata.items() if k.startswith("tokenizer.")}
+        return tokenizer
 
     # -- encoding -------------------------------------------------------------------------------------------
     def encode(self, text: str | bytes, add_bos: bool | None = None, parse_special: bool = False) -> list[int]:
