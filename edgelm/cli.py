@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("edgelm.commands.chat", "chat with a model using its chat template"),
     "perplexity": ("edgelm.commands.perplexity", "perplexity of a text file (llama-perplexity method)"),
     "bench": ("edgelm.commands.bench", "speed and memory benchmark, optionally against llama.cpp"),
+    "quantize": ("edgelm.commands.quantize", "quantize a model (RTN, GPTQ, AWQ) into an edgelm model directory"),
+    "eval": ("edgelm.commands.eval", "quality of a compressed model: perplexity, KL divergence, top-1 agreement, size"),
 }
 
 

@@ -27,10 +27,18 @@ class PerplexityResult:
     ctx: int
     seconds: float
     chunk_ppls: list[float]
+    # Against a reference model (the uncompressed one), on the same scored positions:
+    reference_ppl: float | None = None
+    kld: float | None = None  # mean KL(reference || model) of the next-token distributions
+    top1_agreement: float | None = None  # fraction of positions where both pick the same top token
 
     def summary(self) -> str:
-        return (f"PPL = {self.ppl:.4f} +/- {self.stderr:.5f}  ({self.tokens_scored} tokens scored in "
+        text = (f"PPL = {self.ppl:.4f} +/- {self.stderr:.5f}  ({self.tokens_scored} tokens scored in "
                 f"{self.chunks} chunks of {self.ctx}, {self.seconds:.1f} s)")
+        if self.kld is not None:
+            text += (f"\nreference PPL = {self.reference_ppl:.4f}, mean KLD = {self.kld:.5f}, "
+                     f"same top token = {100 * self.top1_agreement:.2f} %")
+        return text
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,8 +55,12 @@ def read_eval_text(path: str | Path) -> bytes:
 
 @torch.inference_mode()
 def perplexity(model, tokens: list[int], ctx: int = 512, chunks: int | None = None,
-               bos_id: int | None = None, progress: bool = True) -> PerplexityResult:
-    """Perplexity of a tokenized text, chunked as llama-perplexity does (see module docstring)."""
+               bos_id: int | None = None, progress: bool = True, reference=None) -> PerplexityResult:
+    """Perplexity of a tokenized text, chunked as llama-perplexity does (see module docstring).
+
+    With a reference model, also the mean KL divergence and top-token agreement against it, as
+    llama-perplexity's --kl-divergence does.
+    """
     if ctx < 4 or ctx % 2:
         raise EdgelmError(f"--ctx must be an even number >= 4, got {ctx}")
     if ctx > model.args.max_context:
@@ -64,6 +76,7 @@ def perplexity(model, tokens: list[int], ctx: int = 512, chunks: int | None = No
     first = ctx // 2
     all_tokens = torch.tensor(tokens[: n_chunks * ctx], dtype=torch.long).view(n_chunks, ctx)
     nll_sum, nll2_sum, count = 0.0, 0.0, 0
+    ref_nll_sum, kld_sum, agree = 0.0, 0.0, 0
     chunk_ppls = []
     start = time.perf_counter()
     bar = _progress(n_chunks, progress)
@@ -72,9 +85,14 @@ def perplexity(model, tokens: list[int], ctx: int = 512, chunks: int | None = No
         if bos_id is not None:
             chunk[0] = bos_id
         # Logits at positions first .. ctx-2 predict the tokens at first+1 .. ctx-1.
-        logits = model(chunk[None], logits_at=slice(first, ctx - 1))[0].float()
+        logp = torch.log_softmax(model(chunk[None], logits_at=slice(first, ctx - 1))[0].float(), dim=-1)
         targets = chunk[first + 1:]
-        nll = -torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0].double()
+        nll = -logp.gather(1, targets[:, None])[:, 0].double()
+        if reference is not None:
+            ref_logp = torch.log_softmax(reference(chunk[None], logits_at=slice(first, ctx - 1))[0].float(), -1)
+            ref_nll_sum -= float(ref_logp.gather(1, targets[:, None]).double().sum())
+            kld_sum += float((ref_logp.exp() * (ref_logp - logp)).sum(-1).double().sum())
+            agree += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
         nll_sum += float(nll.sum())
         nll2_sum += float((nll * nll).sum())
         count += nll.numel()
@@ -88,14 +106,19 @@ def perplexity(model, tokens: list[int], ctx: int = 512, chunks: int | None = No
     variance = nll2_sum / count - mean * mean
     ppl = math.exp(mean)
     stderr = ppl * math.sqrt(variance / (count - 1)) if variance > 0 and count > 1 else 0.0
-    return PerplexityResult(ppl, stderr, count, n_chunks, ctx, time.perf_counter() - start, chunk_ppls)
+    result = PerplexityResult(ppl, stderr, count, n_chunks, ctx, time.perf_counter() - start, chunk_ppls)
+    if reference is not None:
+        result.reference_ppl = math.exp(ref_nll_sum / count)
+        result.kld = kld_sum / count
+        result.top1_agreement = agree / count
+    return result
 
 
 def perplexity_of_file(model, tokenizer, path: str | Path, ctx: int = 512, chunks: int | None = None,
-                       progress: bool = True) -> PerplexityResult:
+                       progress: bool = True, reference=None) -> PerplexityResult:
     tokens = tokenizer.encode(read_eval_text(path))  # BOS only where the model wants one, as llama.cpp
     bos = tokenizer.bos_id if tokenizer.add_bos else None
-    return perplexity(model, tokens, ctx=ctx, chunks=chunks, bos_id=bos, progress=progress)
+    return perplexity(model, tokens, ctx=ctx, chunks=chunks, bos_id=bos, progress=progress, reference=reference)
 
 
 def _progress(total: int, enabled: bool):

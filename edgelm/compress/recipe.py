@@ -28,6 +28,7 @@ class Step:
     """Base of all recipe steps. Subclasses set `name` and implement `apply`."""
 
     name: ClassVar[str] = ""
+    needs_calibration: ClassVar[bool] = False  # data-aware steps observe activations of calibration text
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -1,0 +1,60 @@
+"""`edgelm quantize` -> model directory -> `edgelm eval` / `generate`, on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import edgelm
+from edgelm.bench.quality import perplexity
+from tests.tiny_gguf import TinyConfig, write_tiny_model
+
+
+def edgelm_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgelm", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("q") / "qwen2.gguf", TinyConfig(arch="qwen2"))
+
+
+def test_quantize_eval_generate(tiny, tmp_path):
+    out = tmp_path / "q4"
+    done = edgelm_cli("quantize", "-m", tiny, "--method", "rtn", "--bits", "4", "--group-size", "32", "-o", out)
+    assert done.returncode == 0, done.stderr
+    assert "bits per weight" in done.stdout
+    text = tmp_path / "eval.txt"
+    text.write_bytes(b"hello world, the quick brown fox jumps over the lazy dog.\r\n" * 20)
+    done = edgelm_cli("eval", "-m", out, "-f", text, "--ctx", "32", "--chunks", "2", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["reference"] == str(tiny)
+    assert 0 < result["kld"] < 1 and 0.5 < result["top1_agreement"] <= 1
+    assert 4.5 < result["bits_per_weight"] < 6  # 4-bit codes + scales/zeros per 32, float norms
+    done = edgelm_cli("generate", "-m", out, "-p", "hello", "-n", "4", "--temp", "0")
+    assert done.returncode == 0, done.stderr
+
+
+def test_kld_is_zero_against_itself(tiny):
+    model, tokenizer = edgelm.load(tiny)
+    tokens = torch.randint(3, model.args.vocab_size, (64,)).tolist()
+    result = perplexity(model, tokens, ctx=32, progress=False, reference=model)
+    assert result.kld == pytest.approx(0, abs=1e-6) and result.top1_agreement == 1.0
+    assert result.reference_ppl == pytest.approx(result.ppl)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "rnt"], "unknown compression method 'rnt'"),
+    (["--bits", "7"], "bits must be one of"),
+])
+def test_quantize_errors_are_one_line(tiny, tmp_path, args, message):
+    done = edgelm_cli("quantize", "-m", tiny, *args, "-o", tmp_path / "x")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert message in done.stderr
+    assert not (tmp_path / "x").exists()
