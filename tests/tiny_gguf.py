@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from edgelm.io.gguf_export import write_metadata
 from tests.tiny_vocab import tiny_bpe_metadata, tiny_spm_metadata
 
 
@@ -30,11 +31,6 @@ class TinyConfig:
     tied: bool = True
     weight_type: str = "F32"  # storage type of the 2-D weights: F32, F16, BF16, Q8_0, Q4_0, Q5_0, ...
     seed: int = 0
-
-
-_UINT32_KEYS = {"block_count", "context_length", "embedding_length", "feed_forward_length",
-                "attention.head_count", "attention.head_count_kv", "attention.key_length",
-                "attention.value_length", "attention.sliding_window"}
 
 
 def write_tiny_model(path: Path, config: TinyConfig, extra_metadata: dict[str, Any] | None = None,
@@ -60,10 +56,10 @@ def write_tiny_model(path: Path, config: TinyConfig, extra_metadata: dict[str, A
         hparams["attention.sliding_window"] = c.sliding_window
     for key, value in hparams.items():
         if f"{c.arch}.{key}" not in drop_keys:
-            _add(writer, f"{c.arch}.{key}", value, uint32=key in _UINT32_KEYS)
+            write_metadata(writer, f"{c.arch}.{key}", value)
     for key, value in {**vocab, **(extra_metadata or {})}.items():
         if key not in drop_keys:
-            _add(writer, key, value, uint32=key.endswith("_token_id"))
+            write_metadata(writer, key, value)
 
     def weight(name: str, rows: int, cols: int, scale: float) -> None:
         _add_tensor(writer, name, rng.normal(0, scale, (rows, cols)).astype(np.float32), c.weight_type)
@@ -100,23 +96,6 @@ def write_tiny_model(path: Path, config: TinyConfig, extra_metadata: dict[str, A
     writer.write_tensors_to_file()
     writer.close()
     return path
-
-
-def _add(writer, key: str, value: Any, uint32: bool = False) -> None:
-    if key == "general.architecture":
-        return  # written by GGUFWriter itself
-    if isinstance(value, bool):
-        writer.add_bool(key, value)
-    elif isinstance(value, int):
-        (writer.add_uint32 if uint32 else writer.add_int32)(key, value)
-    elif isinstance(value, float):
-        writer.add_float32(key, value)
-    elif isinstance(value, str):
-        writer.add_string(key, value)
-    elif isinstance(value, list):
-        writer.add_array(key, value)
-    else:
-        raise TypeError(f"cannot write metadata {key}={value!r}")
 
 
 def _add_tensor(writer, name: str, values: np.ndarray, type_name: str) -> None:
