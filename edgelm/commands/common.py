@@ -36,6 +36,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop when this text is generated (repeatable)")
 
 
+def add_kv_bits_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kv-bits", type=int, default=None, choices=[8, 4],
+                        help="quantize the KV cache to 8 or 4 bits (default: float)")
+
+
 def sampling_params(args: argparse.Namespace):
     from edgelm.runtime.sampling import SamplingParams
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgelm.commands.common import (add_model_argument, add_sampling_arguments, add_threads_argument,
-                                    sampling_params, set_threads)
+from edgelm.commands.common import (add_kv_bits_argument, add_model_argument, add_sampling_arguments,
+                                    add_threads_argument, sampling_params, set_threads)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,6 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-p", "--prompt", required=True, help="prompt text ('-' reads standard input)")
     add_sampling_arguments(parser)
     add_threads_argument(parser)
+    add_kv_bits_argument(parser)
     parser.add_argument("--no-bos", action="store_true", help="do not add the BOS token to the prompt")
     parser.add_argument("--verbose", "-v", action="store_true", help="print speed statistics to stderr")
 
@@ -25,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, tokenizer = edgelm.load(args.model)
+    model.set_kv_bits(args.kv_bits)
     last = None
     for response in edgelm.stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens,
                                            sampling=params, stop=args.stop,

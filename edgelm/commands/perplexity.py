@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from edgelm.commands.common import add_model_argument, add_threads_argument, set_threads
+from edgelm.commands.common import add_kv_bits_argument, add_model_argument, add_threads_argument, set_threads
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,6 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunks", type=int, default=None, help="evaluate only the first N chunks")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     add_threads_argument(parser)
+    add_kv_bits_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
 
     set_threads(args.threads)
     model, tokenizer = edgelm.load(args.model)
+    model.set_kv_bits(args.kv_bits)
     result = perplexity_of_file(model, tokenizer, args.file, ctx=args.ctx, chunks=args.chunks,
                                 progress=not args.json)
     if args.json:

@@ -197,7 +197,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if qk_norm else None
         self.scale = scale if scale is not None else 1.0 / math.sqrt(args.head_dim)
         self.rope_neox = args.rope_neox
-        self.kv_cache: KVCache | None = None
+        self.kv_cache: nn.Module | None = None
+        self.kv_quant = None  # QuantScheme of a quantized KV cache (see runtime/kv_cache.py), None = float
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -212,6 +213,10 @@ class Attention(nn.Module):
         k = apply_rope(k, cos, sin, self.rope_neox)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v, kv_len)
+        elif self.kv_quant is not None:  # no cache (perplexity): see exactly what a quantized cache returns
+            from edgelm.runtime.kv_cache import fake_quantize_kv
+
+            k, v = fake_quantize_kv(k, self.kv_quant), fake_quantize_kv(v, self.kv_quant)
         out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
                                              scale=self.scale, enable_gqa=self.n_heads != self.n_kv_heads)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
@@ -266,8 +271,22 @@ class Transformer(nn.Module):
             raise GenerationError(f"{max_len} tokens exceed the model's context of {self.args.max_context}; "
                                   "shorten the prompt or lower --max-tokens")
         for layer in self.layers:
-            layer.attn.kv_cache = KVCache(batch, self.args.n_kv_heads, max_len, self.args.head_dim, dtype)
+            if layer.attn.kv_quant is not None:
+                from edgelm.runtime.kv_cache import QuantizedKVCache
+
+                layer.attn.kv_cache = QuantizedKVCache(batch, self.args.n_kv_heads, max_len, self.args.head_dim,
+                                                       layer.attn.kv_quant)
+            else:
+                layer.attn.kv_cache = KVCache(batch, self.args.n_kv_heads, max_len, self.args.head_dim, dtype)
         self.cache_len = max_len
+
+    def set_kv_bits(self, bits: int | None) -> None:
+        """Quantize the KV cache to 8 or 4 bits from now on (None: float cache)."""
+        from edgelm.runtime.kv_cache import kv_scheme
+
+        scheme = kv_scheme(bits, self.args.head_dim)
+        for layer in self.layers:
+            layer.attn.kv_quant = scheme
 
     def clear_caches(self) -> None:
         for layer in self.layers:
