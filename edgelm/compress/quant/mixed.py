@@ -1,0 +1,171 @@
+"""Mixed precision to a budget: bits (and group size) per tensor so the whole model meets a target bpw.
+
+For every quantizable tensor and every candidate format (bits, group size) we estimate the damage as the
+activation-weighted squared error  Σ_ij (W_ij − Q(W)_ij)² · E[x_j²]  (the diagonal of the layer's Hessian,
+from calibration data; uniform without data), and its exact storage cost in bytes. Choosing one format per
+tensor to minimise total damage under a byte budget is a multiple-choice knapsack; a Lagrangian relaxation
+(pick argmin damage + λ·bytes per tensor, bisect λ) finds the frontier, then leftover budget is spent on
+the upgrades with the best damage saved per byte. The budget counts everything model_size counts
+(embedding, norms, biases), so the resulting model's bits per weight is at most the target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from edgelm.compress.calibration import BlockRunner, capture_inputs
+from edgelm.compress.quant.primitives import QuantScheme, fake_quantize
+from edgelm.compress.quant.rtn import rtn_quantize_weight, swap_in_quantized
+from edgelm.compress.recipe import Step, target_modules
+from edgelm.errors import RecipeError
+
+DEFAULT_FORMATS = ((2, 32), (3, 32), (3, 64), (4, 32), (4, 64), (4, 128), (5, 64), (6, 64), (8, 64))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    bits: int
+    group_size: int
+    damage: float
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class MixedPrecision(Step):
+    name: ClassVar[str] = "mixed"
+    needs_calibration: ClassVar[bool] = True
+
+    target_bpw: float = 4.5
+    formats: tuple[str, ...] = ()  # "bits:group" choices, e.g. ("3:64", "4:64", "8:64"); empty = defaults
+    ignore: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 2.0 <= self.target_bpw <= 16.0:
+            raise RecipeError(f"mixed: target_bpw must be between 2 and 16, got {self.target_bpw}")
+        self.candidate_formats()  # validates
+
+    def candidate_formats(self) -> tuple[tuple[int, int], ...]:
+        if not self.formats:
+            return DEFAULT_FORMATS
+        parsed = []
+        for text in self.formats:
+            try:
+                bits, group = (int(x) for x in text.split(":"))
+                QuantScheme(bits, group)
+            except ValueError:
+                raise RecipeError(f"mixed: format '{text}' must be 'bits:group_size' such as '4:64'") from None
+            parsed.append((bits, group))
+        return tuple(parsed)
+
+    def apply(self, model: nn.Module, calibration: Any = None) -> nn.Module:
+        modules = dict(target_modules(model, embedding=True, ignore=self.ignore))
+        weights = {name: m.weight.detach().float() for name, m in modules.items()}
+        channel_power = input_channel_power(model, modules, calibration)
+        options = {name: candidates(w, channel_power.get(name), self.candidate_formats())
+                   for name, w in weights.items()}
+        fixed = fixed_bytes(model, modules)
+        n_weights = sum(p.numel() for p in model.parameters())
+        budget = int(self.target_bpw * n_weights / 8) - fixed
+        choice = allocate(options, budget)
+        if choice is None:
+            smallest = (fixed + sum(min(c.nbytes for c in opts) for opts in options.values())) * 8 / n_weights
+            raise RecipeError(f"mixed: target_bpw {self.target_bpw} is below the smallest model these formats "
+                              f"can make ({smallest:.3f} bpw); raise it or add lower-bit formats")
+        for name, pick in choice.items():
+            scheme = QuantScheme(pick.bits, pick.group_size)
+            swap_in_quantized(model, name, modules[name], rtn_quantize_weight(weights[name], scheme))
+        model.mixed_precision_plan = {name: f"{c.bits}:{c.group_size}" for name, c in choice.items()}
+        return model
+
+
+def candidates(weight: torch.Tensor, power: torch.Tensor | None,
+               formats: tuple[tuple[int, int], ...]) -> list[Candidate]:
+    out_features, in_features = weight.shape
+    importance = power if power is not None else torch.ones(in_features)
+    result = []
+    for bits, group in formats:
+        if in_features % group:
+            continue
+        scheme = QuantScheme(bits, group)
+        error = (weight - fake_quantize(weight, scheme)).pow(2)
+        damage = float((error * importance[None, :]).sum())
+        n_groups = in_features // group
+        nbytes = out_features * (-(-in_features * bits // 8) + 3 * n_groups)  # codes + fp16 scale + u8 zero
+        result.append(Candidate(bits, group, damage, nbytes))
+    if not result:
+        raise RecipeError(f"mixed: no format fits a tensor with {in_features} input features")
+    return result
+
+
+def allocate(options: dict[str, list[Candidate]], budget: int) -> dict[str, Candidate] | None:
+    """One candidate per tensor with total bytes <= budget and (near-)minimal total damage."""
+    if sum(min(c.nbytes for c in opts) for opts in options.values()) > budget:
+        return None
+
+    def pick(lam: float) -> dict[str, Candidate]:
+        return {name: min(opts, key=lambda c: (c.damage + lam * c.nbytes, c.nbytes)) for name, opts in options.items()}
+
+    def total(choice: dict[str, Candidate]) -> int:
+        return sum(c.nbytes for c in choice.values())
+
+    lo, hi = 0.0, 1.0
+    while total(pick(hi)) > budget:
+        hi *= 4
+    if total(pick(lo)) <= budget:
+        return pick(lo)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if total(pick(mid)) <= budget else (mid, hi)
+    choice = pick(hi)
+    # Spend what the relaxation left over: best damage saved per extra byte first.
+    spare = budget - total(choice)
+    while True:
+        best = None
+        for name, opts in options.items():
+            current = choice[name]
+            for c in opts:
+                extra = c.nbytes - current.nbytes
+                if 0 < extra <= spare and c.damage < current.damage:
+                    gain = (current.damage - c.damage) / extra
+                    if best is None or gain > best[0]:
+                        best = (gain, name, c)
+        if best is None:
+            return choice
+        _, name, c = best
+        spare -= c.nbytes - choice[name].nbytes
+        choice[name] = c
+
+
+def fixed_bytes(model: nn.Module, quantized: dict[str, nn.Module]) -> int:
+    """Bytes of everything that is not quantized here (norms, biases, ignored layers), as model_size counts."""
+    quantized_params = {id(m.weight) for m in quantized.values()}
+    return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in quantized_params)
+
+
+def input_channel_power(model: nn.Module, modules: dict[str, nn.Module], calibration) -> dict[str, torch.Tensor]:
+    """E[x_j²] of every target module's inputs on the calibration data ({} without data)."""
+    if calibration is None:
+        return {}
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def observe(name: str, x: torch.Tensor) -> None:
+        sums[name] = sums.get(name, 0) + x.pow(2).sum(0)
+        counts[name] = counts.get(name, 0) + x.shape[0]
+
+    runner = BlockRunner(model, calibration)
+    linears = {name: m for name, m in modules.items() if isinstance(m, nn.Linear)}
+    with capture_inputs(linears, observe):
+        for i in range(len(model.layers)):
+            runner.advance(i)
+        head_inputs = runner.final_hidden()
+    power = {name: sums[name] / counts[name] for name in sums}
+    head = "output" if "output" in modules else "tok_embeddings"
+    if head in modules:  # the (tied) output matrix sees the final normed hidden states
+        flat = head_inputs.reshape(-1, head_inputs.shape[-1])
+        power[head] = flat.pow(2).mean(0)
+    return power

@@ -1,0 +1,68 @@
+"""Mixed precision: the allocation is optimal on small instances and the model meets its bpw budget."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+import edgelm
+from edgelm.compress import MixedPrecision, compress, parse_recipe
+from edgelm.compress.calibration import Calibration
+from edgelm.compress.quant.mixed import Candidate, allocate
+from edgelm.errors import RecipeError
+from edgelm.io.artifact import model_size
+from tests.tiny_gguf import TinyConfig, write_tiny_model
+
+
+def brute_force(options, budget):
+    best = None
+    for combo in itertools.product(*options.values()):
+        if sum(c.nbytes for c in combo) <= budget:
+            damage = sum(c.damage for c in combo)
+            if best is None or damage < best:
+                best = damage
+    return best
+
+
+def test_allocation_is_near_optimal():
+    rng = random.Random(0)
+    for _ in range(30):
+        options = {}
+        for t in range(4):
+            size = rng.randint(50, 200)
+            # Monotone formats: more bytes, less damage (quantization error halves per extra bit).
+            options[f"t{t}"] = [Candidate(bits, 64, size * rng.uniform(0.5, 2) * 4.0 ** -bits, size * bits)
+                                for bits in (2, 3, 4, 8)]
+        cheapest = sum(min(c.nbytes for c in o) for o in options.values())
+        budget = cheapest + rng.randint(0, 1500)
+        choice = allocate(options, budget)
+        assert sum(c.nbytes for c in choice.values()) <= budget
+        optimum = brute_force(options, budget)
+        assert sum(c.damage for c in choice.values()) <= optimum * 1.25 + 1e-12
+    assert allocate({"a": [Candidate(2, 64, 1.0, 100)]}, 99) is None
+
+
+@pytest.mark.parametrize("target", [3.0, 4.5, 6.0])
+def test_model_meets_the_target_bpw(tmp_path, target):
+    path = write_tiny_model(tmp_path / "m.gguf", TinyConfig(arch="qwen2", dim=128, hidden_dim=256, n_layers=4))
+    model, _ = edgelm.load(path)
+    calibration = Calibration(torch.randint(3, model.args.vocab_size, (4, 32)), "random")
+    compress(model, [MixedPrecision(target_bpw=target)], calibration)
+    achieved = model_size(model)["bits_per_weight"]
+    assert target - 0.25 <= achieved <= target
+    plan = model.mixed_precision_plan
+    assert len(set(plan.values())) > 1 or target == 3.0  # genuinely mixed at generous budgets
+
+
+def test_bad_targets_and_formats_are_named(tmp_path):
+    with pytest.raises(RecipeError, match="target_bpw must be between"):
+        MixedPrecision(target_bpw=1.0)
+    with pytest.raises(RecipeError, match="'4-64' must be 'bits:group_size'"):
+        parse_recipe([{"mixed": {"formats": ["4-64"]}}])
+    path = write_tiny_model(tmp_path / "m.gguf", TinyConfig(arch="qwen2", dim=128, hidden_dim=256))
+    model, _ = edgelm.load(path)
+    with pytest.raises(RecipeError, match="below the smallest model"):
+        compress(model, [MixedPrecision(target_bpw=2.0, formats=("8:64",))], None)
