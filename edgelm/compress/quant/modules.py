@@ -16,25 +16,30 @@ from edgelm.compress.quant.primitives import QuantScheme, dequantize, pack, unpa
 
 
 class PackedWeight(nn.Module):
-    """codes [out, in] of `bits` bits packed row-wise, scales (fp16) and zeros (uint8) [out, n_groups]."""
+    """codes [out, in] of `bits` bits packed row-wise, scales (fp16) and zeros [out, n_groups].
 
-    def __init__(self, out_features: int, in_features: int, scheme: QuantScheme):
+    Zero points are uint8 integers, except for weights derived from any-precision models, whose n-bit
+    grids have half-integer zero points (float16).
+    """
+
+    def __init__(self, out_features: int, in_features: int, scheme: QuantScheme,
+                 zero_dtype: torch.dtype = torch.uint8):
         super().__init__()
         self.out_features, self.in_features, self.scheme = out_features, in_features, scheme
         n_groups = scheme.n_groups(in_features)
         row_bytes = -(-in_features * scheme.bits // 8)
         self.register_buffer("packed", torch.zeros(out_features, row_bytes, dtype=torch.uint8))
         self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=torch.float16))
-        self.register_buffer("zeros", torch.zeros(out_features, n_groups, dtype=torch.uint8))
+        self.register_buffer("zeros", torch.zeros(out_features, n_groups, dtype=zero_dtype))
 
     @classmethod
-    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                   scheme: QuantScheme) -> PackedWeight:
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme,
+                   zero_dtype: torch.dtype = torch.uint8) -> PackedWeight:
         out, inp = codes.shape
-        weight = cls(out, inp, scheme)
+        weight = cls(out, inp, scheme, zero_dtype)
         weight.packed.copy_(pack(codes, scheme.bits))
         weight.scales.copy_(scale.to(torch.float16))
-        weight.zeros.copy_(zero.to(torch.uint8))
+        weight.zeros.copy_(zero.to(zero_dtype))
         return weight
 
     def codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,58 @@
+"""Any-precision: nested codes, every precision from one store, error falls as bits rise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import edgelm
+from edgelm.compress import AnyPrecision, compress, set_precision
+from edgelm.compress.quant.anyprec import AnyPrecisionLinear, AnyPrecisionWeight
+from edgelm.compress.quant.primitives import QuantScheme, fake_quantize, sqnr_db
+from edgelm.errors import RecipeError
+from tests.tiny_gguf import TinyConfig, write_tiny_model
+
+
+def test_codes_are_nested_prefixes():
+    weight = AnyPrecisionWeight.quantize(torch.randn(16, 128), max_bits=8, group_size=64)
+    for bits in range(2, 8):
+        assert torch.equal(weight.codes(bits), weight.codes(bits + 1) >> 1)
+
+
+def test_each_precision_is_close_to_direct_rtn():
+    w = torch.randn(64, 256)
+    stored = AnyPrecisionWeight.quantize(w, max_bits=8, group_size=64)
+    previous = None
+    for bits in (3, 4, 5, 6, 8):
+        derived = sqnr_db(w, stored.at_bits(bits).dequantize())
+        direct = sqnr_db(w, fake_quantize(w, QuantScheme(bits, 64)))
+        assert derived > direct - 1.5  # double rounding costs well under a bit
+        assert previous is None or derived > previous + 4  # ~6 dB per bit
+        previous = derived
+    assert sqnr_db(w, stored.at_bits(8).dequantize()) == pytest.approx(
+        sqnr_db(w, fake_quantize(w, QuantScheme(8, 64))), abs=0.5)
+
+
+def test_storage_is_one_max_bit_model():
+    stored = AnyPrecisionWeight.quantize(torch.randn(32, 256), max_bits=8, group_size=64)
+    assert stored.planes.numel() == 8 * 32 * 256 // 8
+
+
+def test_model_switches_precision(tmp_path):
+    path = write_tiny_model(tmp_path / "m.gguf", TinyConfig(arch="qwen2", dim=128, hidden_dim=256))
+    reference, _ = edgelm.load(path)
+    model, _ = edgelm.load(path)
+    compress(model, [AnyPrecision(bits=3)])
+    assert isinstance(model.layers[0].attn.wq, AnyPrecisionLinear)
+    ids = torch.randint(3, model.args.vocab_size, (1, 24))
+    errors = {}
+    with torch.inference_mode():
+        target = reference(ids)
+        for bits in (3, 4, 6, 8):
+            set_precision(model, bits)
+            errors[bits] = float((model(ids) - target).norm() / target.norm())
+    assert errors[3] > errors[4] > errors[6] > errors[8]
+    with pytest.raises(RecipeError, match="holds 1 to 8 bits"):
+        set_precision(model, 9)
+    with pytest.raises(RecipeError, match="min_bits <= bits"):
+        AnyPrecision(bits=2, min_bits=3)
