@@ -9,6 +9,7 @@ field or a value of the wrong type is a RecipeError naming it (with the closest 
 
 from __future__ import annotations
 
+import copy
 import difflib
 import fnmatch
 import types
@@ -29,6 +30,7 @@ class Step:
 
     name: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False  # data-aware steps observe activations of calibration text
+    needs_reference: ClassVar[bool] = False  # steps that compare with the uncompressed model (distillation)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -83,10 +85,30 @@ def parse_recipe(data: Any) -> list[Step]:
 
 
 def compress(model: nn.Module, recipe: list[Step] | Step, calibration: Any = None) -> nn.Module:
-    """Apply each step of the recipe to the model in order (in place); returns the model."""
-    for step in [recipe] if isinstance(recipe, Step) else recipe:
-        model = step.apply(model, calibration)
+    """Apply each step of the recipe to the model in order (in place); returns the model.
+
+    Steps that need the uncompressed model (needs_reference) find a copy of it, taken before the first
+    step, as `model.compression_reference` while the recipe runs.
+    """
+    steps = [recipe] if isinstance(recipe, Step) else list(recipe)
+    if any(step.needs_reference for step in steps):
+        # Set past nn.Module.__setattr__ so the copy is not registered as a submodule (its parameters
+        # must not count as the model's).
+        object.__setattr__(model, "compression_reference", copy.deepcopy(model).eval())
+    try:
+        for step in steps:
+            model = step.apply(model, calibration)
+    finally:
+        model.__dict__.pop("compression_reference", None)
     return model
+
+
+def reference_model(model: nn.Module, step: str) -> nn.Module:
+    reference = getattr(model, "compression_reference", None)
+    if reference is None:
+        raise RecipeError(f"{step} compares with the uncompressed model: run it through compress() with the "
+                          "quantization steps in the same recipe, e.g. [rtn, {step}]")
+    return reference
 
 
 # -- module selection, shared by the steps -----------------------------------------------------------------

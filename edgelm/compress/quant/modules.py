@@ -31,6 +31,7 @@ class PackedWeight(nn.Module):
         self.register_buffer("packed", torch.zeros(out_features, row_bytes, dtype=torch.uint8))
         self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=torch.float16))
         self.register_buffer("zeros", torch.zeros(out_features, n_groups, dtype=zero_dtype))
+        self.scale_gain: torch.Tensor | None = None  # trainable multiplier on the scales (distillation)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme,
@@ -47,9 +48,11 @@ class PackedWeight(nn.Module):
         return unpack(packed, self.scheme.bits, self.in_features)
 
     def dequantize(self, rows: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        scales = self.scales if rows is None else self.scales[rows]
+        scales = (self.scales if rows is None else self.scales[rows]).float()
+        if self.scale_gain is not None:
+            scales = scales * (self.scale_gain if rows is None else self.scale_gain[rows])
         zeros = self.zeros if rows is None else self.zeros[rows]
-        return dequantize(self.codes(rows), scales.float(), zeros.float(), self.scheme.group_size).to(dtype)
+        return dequantize(self.codes(rows), scales, zeros.float(), self.scheme.group_size).to(dtype)
 
     @property
     def storage_bytes(self) -> int:
