@@ -58,3 +58,18 @@ def test_quantize_errors_are_one_line(tiny, tmp_path, args, message):
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert message in done.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_compress_with_a_yaml_recipe(tiny, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("- rtn: {bits: 8, group_size: 32, ignore: ['layers.0.*']}\n")
+    done = edgelm_cli("compress", "-m", tiny, "--recipe", recipe, "-o", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["recipe"][0]["rtn"]["bits"] == 8
+    recipe.write_text("- rtn: {bitz: 8}\n")
+    done = edgelm_cli("compress", "-m", tiny, "--recipe", recipe, "-o", tmp_path / "bad")
+    assert done.returncode == 1 and "no field 'bitz' (did you mean 'bits'?)" in done.stderr
+    recipe.write_text("- rtn: {bits: [8\n")
+    done = edgelm_cli("compress", "-m", tiny, "--recipe", recipe, "-o", tmp_path / "bad")
+    assert done.returncode == 1 and "not valid YAML" in done.stderr
