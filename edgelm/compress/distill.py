@@ -1,9 +1,10 @@
-"""White-box distillation of a quantized model: train its quantization scales on KL(teacher ‖ student).
+"""Training-based compression against the uncompressed model (teacher), on the CPU at small budgets.
 
-As MLX-LM's DWQ does: the integer codes stay fixed; each group's scale gets a trainable gain, optimised
-with Adam on the KL divergence between the uncompressed model's next-token distribution (teacher) and the
-quantized model's (student) over calibration text. The trained scales are written back as fp16, so the
-result is an ordinary quantized model of the same size.
+- DistillScales (white-box KD, as MLX-LM's DWQ): the integer codes stay fixed; each group's scale gets a
+  trainable gain, optimised with Adam on KL(teacher ‖ student) of the next-token distributions over
+  calibration text. The trained scales are written back as fp16: an ordinary quantized model, same size.
+- QAT: the float weights are trained through fake quantization (straight-through estimator) on the same
+  KL objective, then quantized to the packed format with the same scheme.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ from typing import Any, ClassVar, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from edgelm.compress.quant.modules import QuantizedEmbedding, QuantizedLinear
-from edgelm.compress.recipe import Step, reference_model
+from edgelm.compress.quant.primitives import fake_quantize
+from edgelm.compress.quant.rtn import QuantStep, rtn_quantize_weight, swap_in_quantized
+from edgelm.compress.recipe import Step, reference_model, target_modules
 from edgelm.errors import RecipeError
 
 
@@ -50,7 +54,7 @@ class DistillScales(Step):
         generator = torch.Generator().manual_seed(0)
         with trainable_scales(modules) as gains:
             optimizer = torch.optim.Adam(gains, lr=self.lr)
-            progress = _progress(self.steps)
+            progress = _progress(self.steps, "distill")
             for _ in range(self.steps):
                 rows = torch.randint(0, tokens.shape[0], (self.batch_size,), generator=generator)
                 batch = tokens[rows]
@@ -64,6 +68,76 @@ class DistillScales(Step):
                 progress.update(1)
             progress.close()
         return model
+
+
+@dataclass(frozen=True)
+class QAT(QuantStep):
+    """Quantization-aware training of the transformer blocks' linear layers, then RTN to packed codes."""
+
+    name: ClassVar[str] = "qat"
+    needs_calibration: ClassVar[bool] = True
+    needs_reference: ClassVar[bool] = True
+
+    steps: int = 50
+    lr: float = 1e-5
+    batch_size: int = 2
+    seq_len: int = 256
+
+    def apply(self, model: nn.Module, calibration: Any = None) -> nn.Module:
+        if calibration is None:
+            raise RecipeError("qat needs calibration text (--calib FILE, or data-free samples)")
+        teacher = reference_model(model, "qat")
+        # The embedding is also the lookup table: it is quantized (RTN) but not trained here.
+        linears = [(name, m) for name, m in target_modules(model, embedding=False, ignore=self.ignore)
+                   if name.startswith("layers.")]
+        if not linears:
+            raise RecipeError("qat found no float linear layers to train; put it before other quantizers")
+        for _, module in linears:
+            parametrize.register_parametrization(module, "weight", FakeQuantize(self.scheme))
+        weights = [module.parametrizations.weight.original for _, module in linears]
+        tokens = calibration.tokens[:, : self.seq_len]
+        generator = torch.Generator().manual_seed(0)
+        frozen = [p for p in model.parameters() if all(p is not w for w in weights)]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            optimizer = torch.optim.Adam(weights, lr=self.lr)
+            progress = _progress(self.steps, "qat")
+            with torch.enable_grad():
+                for _ in range(self.steps):
+                    batch = tokens[torch.randint(0, tokens.shape[0], (self.batch_size,), generator=generator)]
+                    with torch.no_grad():
+                        target = F.log_softmax(teacher(batch).float(), dim=-1)
+                    loss = kl_divergence(target, F.log_softmax(model(batch).float(), dim=-1))
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    progress.set_postfix(kl=f"{loss.item():.4f}")
+                    progress.update(1)
+            progress.close()
+        finally:
+            for _, module in linears:
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+            for p in frozen:
+                p.requires_grad_(True)
+        # Convert to the packed format: the trained float weights, quantized with the trained-for scheme.
+        for name, module in linears:
+            swap_in_quantized(model, name, module, rtn_quantize_weight(module.weight, self.scheme))
+        if self.embedding:
+            embedding = model.tok_embeddings
+            swap_in_quantized(model, "tok_embeddings", embedding, rtn_quantize_weight(embedding.weight, self.scheme))
+        return model
+
+
+class FakeQuantize(nn.Module):
+    """W -> Q(W) in the forward pass, identity in the backward pass (straight-through estimator)."""
+
+    def __init__(self, scheme):
+        super().__init__()
+        self.scheme = scheme
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + (fake_quantize(weight.detach(), self.scheme) - weight).detach()
 
 
 def kl_divergence(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
@@ -88,7 +162,7 @@ def trainable_scales(modules: list[nn.Module]) -> Iterator[list[nn.Parameter]]:
             weight.scales.copy_((weight.scales.float() * gain.detach()).half())
 
 
-def _progress(total: int):
+def _progress(total: int, desc: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="distill", unit="step", file=sys.stderr)
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr)
