@@ -12,7 +12,8 @@ from __future__ import annotations
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -51,22 +52,9 @@ class DistillScales(Step):
                    if isinstance(m, QuantizedLinear) or (self.embedding and isinstance(m, QuantizedEmbedding))]
         if not modules:
             raise RecipeError("distill trains quantization scales: put it after a quantization step, e.g. [rtn, distill]")
-        generator = torch.Generator().manual_seed(0)
         with trainable_scales(modules) as gains:
-            optimizer = torch.optim.Adam(gains, lr=self.lr)
-            progress = _progress(self.steps, "distill")
-            for _ in range(self.steps):
-                rows = torch.randint(0, tokens.shape[0], (self.batch_size,), generator=generator)
-                batch = tokens[rows]
-                with torch.no_grad():
-                    target = F.log_softmax(teacher(batch).float(), dim=-1)
-                loss = kl_divergence(target, F.log_softmax(model(batch).float(), dim=-1))
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                progress.set_postfix(kl=f"{loss.item():.4f}")
-                progress.update(1)
-            progress.close()
+            train(gains, tokens, self.steps, self.lr, self.batch_size, "distill",
+                  lambda batch: kl_divergence(teacher_logp(teacher, batch), F.log_softmax(model(batch).float(), -1)))
         return model
 
 
@@ -96,25 +84,12 @@ class QAT(QuantStep):
             parametrize.register_parametrization(module, "weight", FakeQuantize(self.scheme))
         weights = [module.parametrizations.weight.original for _, module in linears]
         tokens = calibration.tokens[:, : self.seq_len]
-        generator = torch.Generator().manual_seed(0)
         frozen = [p for p in model.parameters() if all(p is not w for w in weights)]
         for p in frozen:
             p.requires_grad_(False)
         try:
-            optimizer = torch.optim.Adam(weights, lr=self.lr)
-            progress = _progress(self.steps, "qat")
-            with torch.enable_grad():
-                for _ in range(self.steps):
-                    batch = tokens[torch.randint(0, tokens.shape[0], (self.batch_size,), generator=generator)]
-                    with torch.no_grad():
-                        target = F.log_softmax(teacher(batch).float(), dim=-1)
-                    loss = kl_divergence(target, F.log_softmax(model(batch).float(), dim=-1))
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-                    progress.set_postfix(kl=f"{loss.item():.4f}")
-                    progress.update(1)
-            progress.close()
+            train(weights, tokens, self.steps, self.lr, self.batch_size, "qat",
+                  lambda batch: kl_divergence(teacher_logp(teacher, batch), F.log_softmax(model(batch).float(), -1)))
         finally:
             for _, module in linears:
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
@@ -140,6 +115,76 @@ class FakeQuantize(nn.Module):
         return weight + (fake_quantize(weight.detach(), self.scheme) - weight).detach()
 
 
+@dataclass(frozen=True)
+class BlackBoxDistill(Step):
+    """Black-box KD: the teacher writes text (continuations of calibration prompts); the quantized student's
+    scales are fine-tuned on that text with next-token cross-entropy — only the text, never the logits."""
+
+    name: ClassVar[str] = "distill_blackbox"
+    needs_calibration: ClassVar[bool] = True
+    needs_reference: ClassVar[bool] = True
+
+    samples: int = 16
+    prompt_tokens: int = 16
+    seq_len: int = 128
+    temperature: float = 0.8
+    steps: int = 100
+    lr: float = 1e-3
+    batch_size: int = 2
+
+    def __post_init__(self) -> None:
+        if self.samples < 1 or self.steps < 1 or self.lr <= 0 or not 1 <= self.prompt_tokens < self.seq_len:
+            raise RecipeError("distill_blackbox: samples, steps >= 1, lr > 0 and 1 <= prompt_tokens < seq_len")
+
+    def apply(self, model: nn.Module, calibration: Any = None) -> nn.Module:
+        from edgelm.runtime.generate import generate_step
+        from edgelm.runtime.sampling import Sampler, SamplingParams
+
+        if calibration is None:
+            raise RecipeError("distill_blackbox needs calibration prompts (--calib FILE, or data-free samples)")
+        teacher = reference_model(model, "distill_blackbox")
+        modules = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+        if not modules:
+            raise RecipeError("distill_blackbox trains quantization scales: put it after a quantization step")
+        texts = []
+        for i, row in enumerate(calibration.tokens[: self.samples]):
+            prompt = row[: self.prompt_tokens].tolist()
+            sampler = Sampler(SamplingParams(temperature=self.temperature, top_k=0, top_p=1.0, min_p=0.0, seed=i))
+            texts.append(prompt + list(generate_step(teacher, prompt, sampler, self.seq_len - len(prompt))))
+        tokens = torch.tensor(texts, dtype=torch.long)
+
+        def next_token_loss(batch: torch.Tensor) -> torch.Tensor:
+            logits = model(batch[:, :-1]).float()
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+        with trainable_scales(modules) as gains:
+            train(gains, tokens, self.steps, self.lr, self.batch_size, "distill_blackbox", next_token_loss)
+        return model
+
+
+def train(params: list[nn.Parameter], tokens: torch.Tensor, steps: int, lr: float, batch_size: int, desc: str,
+          loss_of: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Adam on `params` over random batches of token rows, with a progress bar showing the loss."""
+    from tqdm import tqdm
+
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    with torch.enable_grad(), tqdm(total=steps, desc=desc, unit="step", file=sys.stderr) as progress:
+        for _ in range(steps):
+            batch = tokens[torch.randint(0, tokens.shape[0], (batch_size,), generator=generator)]
+            loss = loss_of(batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            progress.set_postfix(loss=f"{loss.item():.4f}")
+            progress.update(1)
+
+
+@torch.no_grad()
+def teacher_logp(teacher: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(teacher(batch).float(), dim=-1)
+
+
 def kl_divergence(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
     """Mean over positions of KL(teacher ‖ student)."""
     return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1).mean()
@@ -160,9 +205,3 @@ def trainable_scales(modules: list[nn.Module]) -> Iterator[list[nn.Parameter]]:
             weight = module.weight_q
             weight.scale_gain = None
             weight.scales.copy_((weight.scales.float() * gain.detach()).half())
-
-
-def _progress(total: int, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr)
