@@ -47,7 +47,8 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def obs_score(weights: torch.Tensor, inverse_diagonal: torch.Tensor) -> torch.Tensor:
-    """Error of pruning each weight alone: w² / [H⁻¹]_jj²  (with the Cholesky factor's diagonal)."""
+    """OBS error of pruning each weight alone, w² / [H⁻¹]_jj, given the earlier columns are already fixed:
+    that [H⁻¹]_jj is U_jj², U the upper Cholesky factor of H⁻¹ (whose diagonal is passed in)."""
     return weights.pow(2) / inverse_diagonal[None, :].pow(2)
 
 
