@@ -36,26 +36,16 @@ def save_artifact(model: nn.Module, tokenizer, out_dir: str | os.PathLike[str], 
     """Write model + tokenizer to out_dir atomically; an existing artifact there is replaced."""
     from safetensors.torch import save_file
 
-    from edgelm.compress.quant.modules import QuantizedEmbedding, QuantizedLinear
-
     out_dir = Path(out_dir)
     if out_dir.exists() and not is_artifact(out_dir) and any(out_dir.iterdir()):
         raise ModelFormatError(f"{out_dir}: exists and is not an edgelm model directory; refusing to overwrite "
                                "it, choose another -o")
-    layout = {}
-    for name, module in model.named_modules():
-        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
-            w = module.weight_q
-            layout[name] = {"kind": "embedding" if isinstance(module, QuantizedEmbedding) else "linear",
-                            "out_features": w.out_features, "in_features": w.in_features,
-                            "bits": w.scheme.bits, "group_size": w.scheme.group_size,
-                            "symmetric": w.scheme.symmetric, "bias": getattr(module, "bias", None) is not None}
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "architecture": model.args.arch,
         "model_args": model.args.to_dict(),
-        "quantized_modules": layout,
+        "quantized_modules": module_layout(model),
         "recipe": recipe or [],
         "source": source or getattr(model, "source", None),
         "stats": model_size(model),
@@ -86,8 +76,6 @@ def load_artifact(path: str | os.PathLike[str]):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from edgelm.compress.quant.modules import PackedWeight, QuantizedEmbedding, QuantizedLinear
-    from edgelm.compress.quant.primitives import QuantScheme
     from edgelm.compress.recipe import replace_module
     from edgelm.models import architecture_module
     from edgelm.models.base import ModelArgs
@@ -100,13 +88,7 @@ def load_artifact(path: str | os.PathLike[str]):
     with torch.device("meta"):
         model = module.build(args)
         for name, spec in config["quantized_modules"].items():
-            scheme = QuantScheme(spec["bits"], spec["group_size"], spec["symmetric"])
-            weight = PackedWeight(spec["out_features"], spec["in_features"], scheme)
-            if spec["kind"] == "embedding":
-                replace_module(model, name, QuantizedEmbedding(weight))
-            else:
-                bias = torch.empty(spec["out_features"]) if spec["bias"] else None
-                replace_module(model, name, QuantizedLinear(weight, bias))
+            replace_module(model, name, _build_module(spec))
     try:
         state = load_file(path / WEIGHTS)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
@@ -125,6 +107,67 @@ def load_artifact(path: str | os.PathLike[str]):
     except (OSError, ValueError) as exc:
         raise ModelFormatError(f"{path / TOKENIZER}: cannot read ({exc}); re-create the directory") from None
     return model.eval(), Tokenizer.from_metadata(metadata, source=str(path))
+
+
+def module_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """config.json "quantized_modules": how to rebuild every module that is not the architecture's own.
+
+    kinds: "linear" / "embedding" (packed quantized weight), "lowrank" (U V factors of a Linear), "lorc"
+    (a quantized linear or embedding, "wraps", plus a float16 rank-r correction U V).
+    """
+    from edgelm.compress.lowrank import LoRCEmbedding, LoRCLinear, LowRankLinear
+    from edgelm.compress.quant.modules import QuantizedEmbedding, QuantizedLinear
+
+    layout: dict[str, dict[str, Any]] = {}
+    inside_wrappers: set[str] = set()  # quantized children of LoRC modules, rebuilt with their wrapper
+    for name, module in model.named_modules():
+        if name in inside_wrappers:
+            continue
+        if isinstance(module, (LoRCLinear, LoRCEmbedding)):
+            inner = _quantized_spec(module.quantized)
+            layout[name] = {"kind": "lorc", "wraps": inner.pop("kind"), **inner, "rank": module.rank}
+            inside_wrappers.add(f"{name}.quantized" if name else "quantized")
+        elif isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+            layout[name] = _quantized_spec(module)
+        elif isinstance(module, LowRankLinear):
+            layout[name] = {"kind": "lowrank", "out_features": module.out_features,
+                            "in_features": module.in_features, "rank": module.rank,
+                            "bias": module.bias is not None, "dtype": str(module.U.dtype).removeprefix("torch.")}
+    return layout
+
+
+def _quantized_spec(module: nn.Module) -> dict[str, Any]:
+    from edgelm.compress.quant.modules import QuantizedEmbedding
+
+    w = module.weight_q
+    return {"kind": "embedding" if isinstance(module, QuantizedEmbedding) else "linear",
+            "out_features": w.out_features, "in_features": w.in_features,
+            "bits": w.scheme.bits, "group_size": w.scheme.group_size,
+            "symmetric": w.scheme.symmetric, "bias": getattr(module, "bias", None) is not None}
+
+
+def _build_module(spec: dict[str, Any]) -> nn.Module:
+    """An empty module of the layout entry's kind and shapes (on the current device), for load_state_dict."""
+    from edgelm.compress.lowrank import LoRCEmbedding, LoRCLinear, LowRankLinear
+    from edgelm.compress.quant.modules import PackedWeight, QuantizedEmbedding, QuantizedLinear
+    from edgelm.compress.quant.primitives import QuantScheme
+
+    kind = spec["kind"]
+    if kind == "lowrank":
+        return LowRankLinear.empty(spec["out_features"], spec["in_features"], spec["rank"], spec["bias"],
+                                   getattr(torch, spec.get("dtype", "float32")))
+    if kind == "lorc":
+        inner = _build_module({**spec, "kind": spec["wraps"]})
+        U = torch.empty(spec["out_features"], spec["rank"], dtype=torch.float16)
+        V = torch.empty(spec["rank"], spec["in_features"], dtype=torch.float16)
+        return (LoRCEmbedding if spec["wraps"] == "embedding" else LoRCLinear)(inner, U, V)
+    scheme = QuantScheme(spec["bits"], spec["group_size"], spec["symmetric"])
+    weight = PackedWeight(spec["out_features"], spec["in_features"], scheme)
+    if kind == "embedding":
+        return QuantizedEmbedding(weight)
+    if kind == "linear":
+        return QuantizedLinear(weight, torch.empty(spec["out_features"]) if spec["bias"] else None)
+    raise ModelFormatError(f"unknown module kind '{kind}' in config.json; written by a newer edgelm? upgrade it")
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -148,14 +191,26 @@ def read_config(path: Path) -> dict[str, Any]:
 
 def model_size(model: nn.Module) -> dict[str, float]:
     """Weights represented, bytes stored, bits per weight: whole model, embedding included."""
+    from edgelm.compress.lowrank import LoRCEmbedding, LoRCLinear, LowRankLinear
     from edgelm.compress.quant.modules import QuantizedEmbedding, QuantizedLinear
 
     n_params = n_bytes = 0
+    factor_params: set[int] = set()  # LowRankLinear factors, counted with their layer below
     for module in model.modules():
         if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
             n_params += module.weight_q.out_features * module.weight_q.in_features
             n_bytes += module.weight_q.storage_bytes
+        elif isinstance(module, (LoRCLinear, LoRCEmbedding)):
+            # The correction adds stored bytes to weights its quantized child already counts.
+            n_bytes += sum(t.numel() * t.element_size() for t in (module.U, module.V))
+        elif isinstance(module, LowRankLinear):
+            # A factorized layer represents the out x in weights of the Linear it replaced.
+            n_params += module.out_features * module.in_features
+            n_bytes += sum(t.numel() * t.element_size() for t in (module.U, module.V))
+            factor_params.update((id(module.U), id(module.V)))
     for param in model.parameters():  # dense weights, norms, biases (buffers such as rope tables are not weights)
+        if id(param) in factor_params:
+            continue
         n_params += param.numel()
         n_bytes += param.numel() * param.element_size()
     return {"parameters": n_params, "bytes": n_bytes, "bits_per_weight": 8 * n_bytes / max(n_params, 1)}
