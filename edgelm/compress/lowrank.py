@@ -5,9 +5,9 @@ chosen per layer by retained energy (the fraction of Σσ² kept). Data-free.
 
 LoRC (Yao et al. 2023, ZeroQuant-V2) keeps a quantized layer and adds a rank-r correction of its error:
     E = W_float - Q(W),  E ≈ U V (truncated SVD),  y = Q(W) x + U (V x)
-It needs the float weights the quantizer replaced, so they are remembered before quantizing:
+It needs the float weights the quantizer replaced: compress() keeps the uncompressed model while a recipe
+that needs it runs, so LoRC goes after the quantizer in the same recipe:
 
-    remember_float_weights(model)          # compress() does this when a recipe holds a LoRC step
     compress(model, [RTN(bits=3), LoRC(rank=8)])
 """
 
@@ -21,13 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgelm.compress.quant.modules import QuantizedEmbedding, QuantizedLinear
-from edgelm.compress.recipe import Step, replace_module, target_modules
+from edgelm.compress.recipe import Step, reference_model, replace_module, target_modules
 from edgelm.errors import RecipeError
 
-__all__ = ["SVD", "LoRC", "LowRankLinear", "LoRCLinear", "LoRCEmbedding", "remember_float_weights",
-           "truncated_factors", "rank_for_energy"]
-
-FLOAT_WEIGHTS = "_float_weights"  # attribute of the model holding {module name: float weight (CPU copy)}
+__all__ = ["SVD", "LoRC", "LowRankLinear", "LoRCLinear", "LoRCEmbedding", "truncated_factors", "rank_for_energy"]
 
 
 # -- SVD helpers --------------------------------------------------------------------------------------------
@@ -177,26 +174,12 @@ class SVD(Step):
         return model
 
 
-def remember_float_weights(model: nn.Module, *, embedding: bool = True) -> dict[str, torch.Tensor]:
-    """Keep a CPU copy of every Linear's (and the embedding's) float weight as `model._float_weights`,
-    by module name, so that LoRC can measure the error of a quantizer that runs afterwards."""
-    remembered = {name: module.weight.detach().to("cpu", torch.float32, copy=True)
-                  for name, module in target_modules(model, embedding=embedding)}
-    # Set past nn.Module.__setattr__ on purpose: a plain dict, never part of the state dict.
-    object.__setattr__(model, FLOAT_WEIGHTS, remembered)
-    return remembered
-
-
-def forget_float_weights(model: nn.Module) -> None:
-    model.__dict__.pop(FLOAT_WEIGHTS, None)
-
-
 @dataclass(frozen=True)
 class LoRC(Step):
     """Low-rank compensation of the error of whichever quantizer ran before it in the same recipe."""
 
     name: ClassVar[str] = "lorc"
-    needs_float_weights: ClassVar[bool] = True  # compress() should call remember_float_weights first
+    needs_reference: ClassVar[bool] = True  # the float weights from before quantization
 
     rank: int = 8
     embedding: bool = False  # also compensate the quantized token embedding (the tied output matrix)
@@ -209,24 +192,24 @@ class LoRC(Step):
     def apply(self, model: nn.Module, calibration: Any = None) -> nn.Module:
         import fnmatch
 
-        float_weights = getattr(model, FLOAT_WEIGHTS, None)
-        if float_weights is None:
-            raise RecipeError("lorc compensates the error of a quantizer, so it needs the float weights from "
-                              "before quantization: put lorc after a quantization step in the same recipe, "
-                              "e.g. [rtn, lorc] (or call remember_float_weights(model) before quantizing)")
+        reference = reference_model(model, "lorc")
         kinds = (QuantizedLinear, QuantizedEmbedding) if self.embedding else (QuantizedLinear,)
         picked = [(name, module) for name, module in model.named_modules()
                   if isinstance(module, kinds) and not any(fnmatch.fnmatchcase(name, p) for p in self.ignore)]
         if not picked:
             raise RecipeError("lorc found no quantized layers: put it after a quantization step, e.g. [rtn, lorc]")
         for name, module in picked:
-            original = float_weights.get(name)
             quantized_weight = module.weight_q.dequantize()
-            if original is None or original.shape != quantized_weight.shape:
-                raise RecipeError(f"lorc: no float weight remembered for quantized layer '{name}'; the float "
-                                  "weights must be remembered before the quantization step (put lorc in the "
-                                  "same recipe as the quantizer)")
-            error = original.to(quantized_weight.device) - quantized_weight
+            before = reference.get_submodule(name)
+            if not isinstance(before, (nn.Linear, nn.Embedding)):
+                raise RecipeError("lorc compensates the error of a quantizer, so it needs the float weights from "
+                                  "before quantization: put lorc after a quantization step in the same recipe, "
+                                  "e.g. [rtn, lorc]")
+            original = before.weight.detach().float()
+            if original.shape != quantized_weight.shape:
+                raise RecipeError(f"lorc: layer '{name}' changed shape since the recipe started; put lorc right "
+                                  "after the quantization step")
+            error = original - quantized_weight
             U, V = truncated_factors(error, min(self.rank, *error.shape))
             wrapper = LoRCEmbedding if isinstance(module, QuantizedEmbedding) else LoRCLinear
             replace_module(model, name, wrapper(module, U, V))
