@@ -7,11 +7,12 @@ from edgelm.compress.distill import QAT, BlackBoxDistill, DistillScales
 from edgelm.compress.lowrank import SVD, LoRC
 from edgelm.compress.prune import Magnitude, SparseGPT, Wanda
 from edgelm.compress.quant.anyprec import AnyPrecision, set_precision
+from edgelm.compress.quant.awq import AWQ
 from edgelm.compress.quant.gptq import GPTQ
 from edgelm.compress.quant.mixed import MixedPrecision
 from edgelm.compress.quant.rtn import RTN
 from edgelm.compress.recipe import STEPS, Step, compress, parse_recipe
 
-__all__ = ["compress", "parse_recipe", "Step", "STEPS", "RTN", "GPTQ", "MixedPrecision", "AnyPrecision",
+__all__ = ["compress", "parse_recipe", "Step", "STEPS", "RTN", "GPTQ", "AWQ", "MixedPrecision", "AnyPrecision",
            "set_precision", "DistillScales", "BlackBoxDistill", "QAT", "Magnitude", "Wanda", "SparseGPT", "SVD",
            "LoRC"]
