@@ -73,3 +73,13 @@ def test_compress_with_a_yaml_recipe(tiny, tmp_path):
     recipe.write_text("- rtn: {bits: [8\n")
     done = edgelm_cli("compress", "-m", tiny, "--recipe", recipe, "-o", tmp_path / "bad")
     assert done.returncode == 1 and "not valid YAML" in done.stderr
+
+
+def test_prune_command(tiny, tmp_path):
+    done = edgelm_cli("prune", "-m", tiny, "--method", "magnitude", "--sparsity", "2:4", "-o", tmp_path / "p")
+    assert done.returncode == 0, done.stderr
+    model, _ = edgelm.load(tmp_path / "p")
+    weight = model.layers[0].ffn.w_up.weight.reshape(-1, 4)
+    assert ((weight == 0).sum(-1) == 2).all()
+    done = edgelm_cli("prune", "-m", tiny, "--method", "magnitude", "--sparsity", "3:2", "-o", tmp_path / "x")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
