@@ -14,9 +14,10 @@ $(VENV)/.base: pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e .
 	touch $@
 
-# Tests also need llama.cpp (llama-cpp-python builds it from source, ~4 minutes on 2 cores) as a reference.
+# Tests also need llama.cpp (llama-cpp-python builds it from source, ~4 minutes on 2 cores) as a reference,
+# and matplotlib for benchmark plots.
 $(VENV)/.test: $(VENV)/.base
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,llama]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,llama,bench]'
 	touch $@
 
 setup: $(VENV)/.base

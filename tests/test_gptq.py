@@ -131,3 +131,19 @@ def test_recipe_parsing_and_missing_calibration(tiny):
     model, _ = tiny
     with pytest.raises(RecipeError, match="gptq needs calibration data.*--calib"):
         GPTQ().apply(model, None)
+
+
+def test_pruned_zeros_stay_zero_and_still_beat_rtn(layer_inputs):
+    """2:4 + GPTQ: the pruned weights keep the zero code; the error feedback goes to the kept weights."""
+    from edgelm.compress.prune.masks import n_of_m_mask
+
+    weight, x = layer_inputs
+    sparse = weight.clone()
+    sparse[n_of_m_mask(sparse.abs(), 2, 4)] = 0.0
+    scheme = QuantScheme(4, 32)
+    hessian = InputHessian(x.shape[1])
+    hessian.add(x)
+    result = gptq_quantize(sparse, hessian.hessian(), scheme)
+    assert bool((result.dequantized[sparse == 0] == 0).all())
+    rtn_error = output_error(x, sparse, fake_quantize(sparse, scheme))
+    assert output_error(x, sparse, result.dequantized) < rtn_error

@@ -11,8 +11,9 @@ from edgelm.compress.quant.awq import AWQ
 from edgelm.compress.quant.gptq import GPTQ
 from edgelm.compress.quant.mixed import MixedPrecision
 from edgelm.compress.quant.rtn import RTN
+from edgelm.compress.quant.source import KeepSource
 from edgelm.compress.recipe import STEPS, Step, compress, parse_recipe
 
 __all__ = ["compress", "parse_recipe", "Step", "STEPS", "RTN", "GPTQ", "AWQ", "MixedPrecision", "AnyPrecision",
-           "set_precision", "DistillScales", "BlackBoxDistill", "QAT", "Magnitude", "Wanda", "SparseGPT", "SVD",
+           "set_precision", "KeepSource", "DistillScales", "BlackBoxDistill", "QAT", "Magnitude", "Wanda", "SparseGPT", "SVD",
            "LoRC"]

@@ -137,19 +137,30 @@ def module_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def _quantized_spec(module: nn.Module) -> dict[str, Any]:
-    from edgelm.compress.quant.modules import QuantizedEmbedding
+    from edgelm.compress.quant.modules import QuantizedEmbedding, RowTieredWeight
 
     w = module.weight_q
-    return {"kind": "embedding" if isinstance(module, QuantizedEmbedding) else "linear",
+    spec = {"kind": "embedding" if isinstance(module, QuantizedEmbedding) else "linear",
             "out_features": w.out_features, "in_features": w.in_features,
-            "bits": w.scheme.bits, "group_size": w.scheme.group_size,
-            "symmetric": w.scheme.symmetric, "bias": getattr(module, "bias", None) is not None}
+            "bias": getattr(module, "bias", None) is not None}
+    if isinstance(w, RowTieredWeight):  # rows split into tiers, each packed in its own format
+        spec["tiers"] = [{"rows": part.out_features, **_packed_format(part)} for part in w.parts]
+    else:
+        spec.update(_packed_format(w))
+    return spec
+
+
+def _packed_format(w: nn.Module) -> dict[str, Any]:
+    spec = {"bits": w.scheme.bits, "group_size": w.scheme.group_size, "symmetric": w.scheme.symmetric}
+    if w.zeros.dtype != torch.uint8:  # fractional zero points (ggml's Q4_K/Q4_1 grids, any-precision)
+        spec["zero_dtype"] = str(w.zeros.dtype).removeprefix("torch.")
+    return spec
 
 
 def _build_module(spec: dict[str, Any]) -> nn.Module:
     """An empty module of the layout entry's kind and shapes (on the current device), for load_state_dict."""
     from edgelm.compress.lowrank import LoRCEmbedding, LoRCLinear, LowRankLinear
-    from edgelm.compress.quant.modules import PackedWeight, QuantizedEmbedding, QuantizedLinear
+    from edgelm.compress.quant.modules import PackedWeight, QuantizedEmbedding, QuantizedLinear, RowTieredWeight
     from edgelm.compress.quant.primitives import QuantScheme
 
     kind = spec["kind"]
@@ -161,8 +172,15 @@ def _build_module(spec: dict[str, Any]) -> nn.Module:
         U = torch.empty(spec["out_features"], spec["rank"], dtype=torch.float16)
         V = torch.empty(spec["rank"], spec["in_features"], dtype=torch.float16)
         return (LoRCEmbedding if spec["wraps"] == "embedding" else LoRCLinear)(inner, U, V)
-    scheme = QuantScheme(spec["bits"], spec["group_size"], spec["symmetric"])
-    weight = PackedWeight(spec["out_features"], spec["in_features"], scheme)
+    def packed(rows: int, fmt: dict[str, Any]) -> PackedWeight:
+        scheme = QuantScheme(fmt["bits"], fmt["group_size"], fmt["symmetric"])
+        return PackedWeight(rows, spec["in_features"], scheme, zero_dtype=getattr(torch, fmt.get("zero_dtype", "uint8")))
+
+    if "tiers" in spec:
+        weight = RowTieredWeight([packed(t["rows"], t) for t in spec["tiers"]],
+                                 torch.zeros(spec["out_features"], dtype=torch.uint8))
+    else:
+        weight = packed(spec["out_features"], spec)
     if kind == "embedding":
         return QuantizedEmbedding(weight)
     if kind == "linear":

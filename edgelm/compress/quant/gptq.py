@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from edgelm.compress.calibration import BlockRunner, capture_inputs, linear_layers
-from edgelm.compress.quant.modules import PackedWeight
+from edgelm.compress.quant.modules import PackedWeight, RowTieredWeight
 from edgelm.compress.quant.primitives import QuantScheme, compute_params
 from edgelm.compress.quant.rtn import QuantStep, rtn_quantize_weight, swap_in_quantized
 from edgelm.compress.recipe import target_modules
@@ -122,15 +122,22 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantSche
     order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(n_inputs)
     upper = inverse_hessian_factor(h[order][:, order].double(), damp).float()  # float64: cheap, H is small
 
-    chunks = [_sweep(w[rows], upper, order, scheme, group_size, block_size, static_groups=act_order)
+    pruned = weight.detach() == 0  # zeros a pruning step left: they stay exactly zero (SparseGPT + GPTQ)
+    if not pruned.any():
+        pruned = None
+    chunks = [_sweep(w[rows], upper, order, scheme, group_size, block_size, static_groups=act_order,
+                     pruned=None if pruned is None else pruned[rows])
               for rows in torch.arange(w.shape[0]).split(row_chunk)]
     codes, scale, zero, dequantized = (torch.cat(parts) for parts in zip(*chunks))
     return GPTQResult(codes, scale, zero, dequantized)
 
 
 def _sweep(w: torch.Tensor, upper: torch.Tensor, order: torch.Tensor, scheme: QuantScheme, group_size: int,
-           block_size: int, static_groups: bool) -> tuple[torch.Tensor, ...]:
-    """The GPTQ column sweep over rows of W (original column order in and out; swept in `order`)."""
+           block_size: int, static_groups: bool, pruned: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """The GPTQ column sweep over rows of W (original column order in and out; swept in `order`).
+
+    Entries marked `pruned` get the zero point's code (exactly 0.0) whatever the error feedback made of
+    them; their whole value then becomes error that the later columns absorb, as in SparseGPT."""
     n_rows, n_inputs = w.shape
     n_groups = n_inputs // group_size
     per_row = QuantScheme(scheme.bits, None, scheme.symmetric)  # parameters of one group, row by row
@@ -142,6 +149,8 @@ def _sweep(w: torch.Tensor, upper: torch.Tensor, order: torch.Tensor, scheme: Qu
     group_of = order // group_size  # the (original-layout) group of each swept column
 
     w = w[:, order]  # a copy: error feedback updates it in place
+    if pruned is not None:
+        pruned = pruned[:, order]
     codes = torch.empty(n_rows, n_inputs)
     dequantized = torch.empty(n_rows, n_inputs)
     for start in range(0, n_inputs, block_size):
@@ -159,6 +168,10 @@ def _sweep(w: torch.Tensor, upper: torch.Tensor, order: torch.Tensor, scheme: Qu
                 scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
             g = int(group_of[col])
             codes[:, col], dequantized[:, col] = quantize_column(block[:, j], scale[:, g], zero[:, g], scheme.qmax)
+            if pruned is not None:
+                keep_zero = pruned[:, col]
+                codes[keep_zero, col] = zero[keep_zero, g]
+                dequantized[keep_zero, col] = 0.0
             error = (block[:, j] - dequantized[:, col]) / u_block[j, j]
             block[:, j:] -= error[:, None] * u_block[j, j:][None, :]  # feedback inside the block
             errors[:, j] = error
@@ -209,47 +222,68 @@ class GPTQ(QuantStep):
         if self.batch_size <= 0:
             raise RecipeError(f"gptq: batch_size must be positive, got {self.batch_size!r}")
 
-    def quantize_weight(self, weight: torch.Tensor, hessian: torch.Tensor, *,
-                        zero_dead_columns: bool = True) -> PackedWeight:
-        result = gptq_quantize(weight, hessian, self.scheme, damp=self.damp, block_size=self.block_size,
-                               act_order=self.act_order, zero_dead_columns=zero_dead_columns)
-        return result.packed(self.scheme)
-
     def apply(self, model: nn.Module, calibration: Any = None) -> nn.Module:
         if calibration is None:
             raise RecipeError("gptq needs calibration data: pass a text file (--calib FILE) or use data-free "
                               "calibration sampled from the model itself")
-        from tqdm import tqdm
+        schemes = {name: self.scheme for name, _ in target_modules(model, embedding=self.embedding, ignore=self.ignore)}
+        return gptq_model(model, calibration, schemes, damp=self.damp, act_order=self.act_order,
+                          block_size=self.block_size, batch_size=self.batch_size)
 
-        # Module identity -> its name in the model, for everything not ignored.
-        targets = {id(m): name for name, m in target_modules(model, embedding=self.embedding, ignore=self.ignore)}
-        runner = BlockRunner(model, calibration, batch_size=self.batch_size)
-        for i, block in enumerate(tqdm(model.layers, desc="gptq", unit="block", file=sys.stderr)):
-            layers = {name: m for name, m in linear_layers(block).items() if id(m) in targets}
-            inputs = BlockInputs(layers)
-            with capture_inputs(layers, inputs.observe):
-                runner.run(i)
-            for name, module in layers.items():
-                packed = self.quantize_weight(module.weight, inputs.hessians[name].hessian())
-                swap_in_quantized(model, targets[id(module)], module, packed)
-            del inputs  # a block's Hessians can be large; free them before the next block
-            runner.advance(i)  # the next block sees the quantized block's outputs
-        self._quantize_head(model, runner, targets)
-        return model
 
-    def _quantize_head(self, model: nn.Module, runner: BlockRunner, targets: dict[int, str]) -> None:
-        """GPTQ for the output matrix (the tied embedding, or the separate head) on the final hidden states;
-        a separate token embedding only has lookups, which no Hessian describes, so it gets RTN."""
-        tied = model.output is None
-        head = model.tok_embeddings if tied else model.output
-        if id(head) in targets:
-            inputs = InputHessian(head.weight.shape[1])
-            for batch in runner.final_hidden().split(self.batch_size):
-                inputs.add(batch.reshape(-1, batch.shape[-1]).float())
-            # The tied matrix is also looked up row by row: never zero its columns.
-            packed = self.quantize_weight(head.weight, inputs.hessian(), zero_dead_columns=not tied)
-            swap_in_quantized(model, targets[id(head)], head, packed)
-        embedding = model.tok_embeddings
-        if not tied and id(embedding) in targets:
-            swap_in_quantized(model, targets[id(embedding)], embedding,
-                              rtn_quantize_weight(embedding.weight, self.scheme))
+def gptq_model(model: nn.Module, calibration: Any, schemes: dict[str, QuantScheme | list], *, damp: float = 0.01,
+               act_order: bool = True, block_size: int = 128, batch_size: int = 4) -> nn.Module:
+    """GPTQ on every module named in `schemes`, each with its own scheme (mixed precision uses this), block by
+    block: each block's Hessians are measured on the outputs of the already-quantized blocks before it.
+    The embedding's entry may instead be a row-tier plan, [(rows, scheme or packed part), ...]."""
+    from tqdm import tqdm
+
+    def quantize(module: nn.Module, hessian: torch.Tensor, scheme: QuantScheme):
+        return gptq_quantize(module.weight, hessian, scheme, damp=damp, block_size=block_size,
+                             act_order=act_order).packed(scheme)
+
+    modules = dict(model.named_modules())
+    targets = {id(modules[name]): name for name in schemes}  # module identity -> its name in the model
+    runner = BlockRunner(model, calibration, batch_size=batch_size)
+    for i, block in enumerate(tqdm(model.layers, desc="gptq", unit="block", file=sys.stderr)):
+        layers = {name: m for name, m in linear_layers(block).items() if id(m) in targets}
+        inputs = BlockInputs(layers)
+        with capture_inputs(layers, inputs.observe):
+            runner.run(i)
+        for name, module in layers.items():
+            full_name = targets[id(module)]
+            packed = quantize(module, inputs.hessians[name].hessian(), schemes[full_name])
+            swap_in_quantized(model, full_name, module, packed)
+        del inputs  # a block's Hessians can be large; free them before the next block
+        runner.advance(i)  # the next block sees the quantized block's outputs
+
+    # The output matrix (the tied embedding, or a separate head) sees the final hidden states. A separate
+    # token embedding only has lookups, which no Hessian describes, so it gets RTN.
+    tied = model.output is None
+    head = model.tok_embeddings if tied else model.output
+    if id(head) in targets:
+        inputs = InputHessian(head.weight.shape[1])
+        for batch in runner.final_hidden().split(batch_size):
+            inputs.add(batch.reshape(-1, batch.shape[-1]).float())
+        name = targets[id(head)]
+        hessian = inputs.hessian()
+        # The tied matrix is also looked up row by row: never zero its columns.
+        packed = quantize_rows(head.weight, schemes[name], lambda w, scheme: gptq_quantize(
+            w, hessian, scheme, damp=damp, block_size=block_size, act_order=act_order,
+            zero_dead_columns=not tied).packed(scheme))
+        swap_in_quantized(model, name, head, packed)
+    embedding = model.tok_embeddings
+    if not tied and id(embedding) in targets:
+        name = targets[id(embedding)]
+        swap_in_quantized(model, name, embedding, quantize_rows(embedding.weight, schemes[name], rtn_quantize_weight))
+    return model
+
+
+def quantize_rows(weight: torch.Tensor, plan: QuantScheme | list, quantize) -> nn.Module:
+    """`quantize(weight, scheme)` for one scheme, or a row-tiered weight for a plan of (rows, scheme or an
+    already packed part) tiers."""
+    if isinstance(plan, QuantScheme):
+        return quantize(weight, plan)
+    rows_of = [rows for rows, _ in plan]
+    parts = [how if isinstance(how, PackedWeight) else quantize(weight[rows], how) for rows, how in plan]
+    return RowTieredWeight.from_parts(rows_of, parts)

@@ -23,8 +23,11 @@ import torch
 from torch import nn
 
 from edgelm.compress.calibration import BlockRunner, capture_inputs
+from edgelm.compress.quant.gptq import gptq_model, quantize_rows
+from edgelm.compress.quant.modules import PackedWeight
 from edgelm.compress.quant.primitives import QuantScheme, fake_quantize
 from edgelm.compress.quant.rtn import rtn_quantize_weight, swap_in_quantized
+from edgelm.compress.quant.source import SourceGrids
 from edgelm.compress.recipe import Step, target_modules
 from edgelm.errors import RecipeError
 
@@ -37,6 +40,7 @@ class Candidate:
     group_size: int
     damage: float
     nbytes: int
+    source: bool = False  # the source file's own grid (exact: no damage)
 
 
 @dataclass(frozen=True)
@@ -46,11 +50,18 @@ class MixedPrecision(Step):
 
     target_bpw: float = 4.5
     formats: tuple[str, ...] = ()  # "bits:group" choices, e.g. ("3:64", "4:64", "8:64"); empty = defaults
+    method: str = "gptq"  # the quantizer that applies the chosen formats: "gptq" (data-aware) or "rtn"
+    keep_source: bool = True  # also offer each tensor's grid from the source file (already quantized GGUFs)
+    # Row tiers of the token embedding, by importance on the calibration text: the top 4096 rows, the next
+    # up to 16384, ... each tier gets its own format. Empty: the embedding is one tensor.
+    embedding_tiers: tuple[int, ...] = (4096, 16384, 65536)
     ignore: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 2.0 <= self.target_bpw <= 16.0:
             raise RecipeError(f"mixed: target_bpw must be between 2 and 16, got {self.target_bpw}")
+        if self.method not in ("gptq", "rtn"):
+            raise RecipeError(f"mixed: method must be 'gptq' or 'rtn', got {self.method!r}")
         self.candidate_formats()  # validates
 
     def candidate_formats(self) -> tuple[tuple[int, int], ...]:
@@ -69,12 +80,27 @@ class MixedPrecision(Step):
     def apply(self, model: nn.Module, calibration: Any = None) -> nn.Module:
         modules = dict(target_modules(model, embedding=True, ignore=self.ignore))
         weights = {name: m.weight.detach().float() for name, m in modules.items()}
-        channel_power = input_channel_power(model, modules, calibration)
-        options = {name: candidates(w, channel_power.get(name), self.candidate_formats())
-                   for name, w in weights.items()}
+        channel_power, head_inputs = input_channel_power(model, modules, calibration)
+        slots = self.slots(model, modules, head_inputs, calibration)
+        formats = self.candidate_formats()
+        options = {key: candidates(slot.weight(weights), channel_power.get(slot.module), formats)
+                   for key, slot in slots.items()}
         if calibration is not None:
-            options = scale_by_kl(model, modules, weights, channel_power, options, calibration)
-        fixed = fixed_bytes(model, modules)
+            options = scale_by_kl(model, modules, weights, channel_power, slots, options, calibration)
+        kept: dict[str, PackedWeight] = {}  # slot -> the source file's grid of its rows
+        if self.keep_source:
+            grids = SourceGrids(model)
+            for name, module in modules.items():
+                packed = grids.weight(name, module)
+                if packed is None:
+                    continue
+                for key, slot in slots.items():
+                    if slot.module == name:
+                        kept[key] = packed if slot.rows is None else packed.select_rows(slot.rows)
+                        options[key].append(Candidate(packed.scheme.bits, packed.scheme.group_size, 0.0,
+                                                      kept[key].storage_bytes, source=True))
+        fixed = fixed_bytes(model, modules) + sum(  # a tiered weight also stores its row -> tier map
+            weights[name].shape[0] for name in {s.module for s in slots.values() if s.rows is not None})
         n_weights = sum(p.numel() for p in model.parameters())
         budget = int(self.target_bpw * n_weights / 8) - fixed
         choice = allocate(options, budget)
@@ -82,11 +108,67 @@ class MixedPrecision(Step):
             smallest = (fixed + sum(min(c.nbytes for c in opts) for opts in options.values())) * 8 / n_weights
             raise RecipeError(f"mixed: target_bpw {self.target_bpw} is below the smallest model these formats "
                               f"can make ({smallest:.3f} bpw); raise it or add lower-bit formats")
-        for name, pick in choice.items():
-            scheme = QuantScheme(pick.bits, pick.group_size)
-            swap_in_quantized(model, name, modules[name], rtn_quantize_weight(weights[name], scheme))
-        model.mixed_precision_plan = {name: f"{c.bits}:{c.group_size}" for name, c in choice.items()}
+
+        def how(key: str) -> QuantScheme | PackedWeight:
+            pick = choice[key]
+            return kept[key] if pick.source else QuantScheme(pick.bits, pick.group_size)
+
+        plans: dict[str, Any] = {}  # module -> a scheme, a source grid, or a row-tier plan
+        for key, slot in slots.items():
+            if slot.rows is None:
+                plans[slot.module] = how(key)
+            else:
+                plans.setdefault(slot.module, []).append((slot.rows, how(key)))
+        for name, plan in list(plans.items()):
+            if isinstance(plan, PackedWeight):
+                swap_in_quantized(model, name, modules[name], plan)
+                del plans[name]
+        if self.method == "gptq" and calibration is not None:
+            gptq_model(model, calibration, plans)
+        else:
+            for name, plan in plans.items():
+                swap_in_quantized(model, name, modules[name], quantize_rows(weights[name], plan, rtn_quantize_weight))
+        model.mixed_precision_plan = {key: "source" if c.source else f"{c.bits}:{c.group_size}"
+                                      for key, c in choice.items()}
         return model
+
+    def slots(self, model: nn.Module, modules: dict[str, nn.Module], head_inputs: torch.Tensor | None,
+              calibration) -> dict[str, Slot]:
+        """Units of allocation: one per tensor, but the token embedding split into row tiers by importance."""
+        slots = {name: Slot(name) for name in modules}
+        name = "tok_embeddings"
+        if not self.embedding_tiers or name not in modules or head_inputs is None:
+            return slots
+        n_rows = modules[name].weight.shape[0]
+        order = row_importance(model, head_inputs, calibration.tokens).argsort(descending=True)
+        bounds = [0, *sorted(b for b in self.embedding_tiers if 0 < b < n_rows), n_rows]
+        del slots[name]
+        for k, (start, end) in enumerate(zip(bounds, bounds[1:])):
+            slots[f"{name}[{k}]"] = Slot(name, order[start:end].sort().values)
+        return slots
+
+
+@dataclass(frozen=True)
+class Slot:
+    module: str
+    rows: torch.Tensor | None = None  # a row tier of the module, or the whole of it
+
+    def weight(self, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        w = weights[self.module]
+        return w if self.rows is None else w[self.rows]
+
+
+@torch.inference_mode()
+def row_importance(model: nn.Module, head_inputs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """How much each vocabulary row matters on the calibration text: the mean probability the model gives
+    the token (its weight in the output's Fisher information) plus its frequency as an input (lookups),
+    each normalized to sum to 1. Most of a 262k vocabulary scores ~0 on any one kind of text."""
+    flat = head_inputs.reshape(-1, head_inputs.shape[-1])
+    mass = torch.zeros(model.args.vocab_size, dtype=torch.float64)
+    for chunk in flat.split(256):
+        mass += torch.softmax(model.logits(chunk[None]).float(), -1)[0].sum(0).double()
+    counts = torch.bincount(tokens.reshape(-1), minlength=model.args.vocab_size).double()
+    return (mass / mass.sum() + counts / counts.sum()).float()
 
 
 def candidates(weight: torch.Tensor, power: torch.Tensor | None,
@@ -113,28 +195,33 @@ KL_SAMPLES, KL_TOKENS = 2, 128
 
 
 @torch.inference_mode()
-def scale_by_kl(model, modules, weights, channel_power, options, calibration) -> dict[str, list[Candidate]]:
-    """Re-express each tensor's damages in KL units: one forward pass per tensor at the reference format."""
+def scale_by_kl(model, modules, weights, channel_power, slots, options, calibration) -> dict[str, list[Candidate]]:
+    """Re-express each slot's damages in KL units: one forward pass per slot at the reference format."""
     from tqdm import tqdm
 
     tokens = calibration.tokens[:KL_SAMPLES, :KL_TOKENS]
     positions = slice(tokens.shape[1] // 2, None)  # later positions: full context, and fewer logits to compute
     reference = torch.log_softmax(model(tokens, logits_at=positions).float(), -1)
     scaled = {}
-    for name in tqdm(list(options), desc="sensitivity", unit="tensor", file=sys.stderr):
-        weight, module = weights[name], modules[name]
+    for key in tqdm(list(options), desc="sensitivity", unit="tensor", file=sys.stderr):
+        slot = slots[key]
+        module, full, weight = modules[slot.module], weights[slot.module], slot.weight(weights)
         group = next(g for g in (64, 32, 128) if weight.shape[1] % g == 0)
         scheme = QuantScheme(REFERENCE_BITS, group)
+        quantized = fake_quantize(weight, scheme)
         saved = module.weight.data
-        module.weight.data = fake_quantize(weight, scheme)
+        if slot.rows is None:
+            module.weight.data = quantized
+        else:
+            module.weight.data = full.clone()
+            module.weight.data[slot.rows] = quantized
         logp = torch.log_softmax(model(tokens, logits_at=positions).float(), -1)
         module.weight.data = saved
         kl = float((reference.exp() * (reference - logp)).sum(-1).mean())
-        power = channel_power.get(name)
-        ref_damage = float(((weight - fake_quantize(weight, scheme)).pow(2)
-                            * (power if power is not None else 1.0)).sum())
+        power = channel_power.get(slot.module)
+        ref_damage = float(((weight - quantized).pow(2) * (power if power is not None else 1.0)).sum())
         unit = max(kl, 1e-12) / max(ref_damage, 1e-30)
-        scaled[name] = [Candidate(c.bits, c.group_size, c.damage * unit, c.nbytes) for c in options[name]]
+        scaled[key] = [Candidate(c.bits, c.group_size, c.damage * unit, c.nbytes) for c in options[key]]
     return scaled
 
 
@@ -183,10 +270,12 @@ def fixed_bytes(model: nn.Module, quantized: dict[str, nn.Module]) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in quantized_params)
 
 
-def input_channel_power(model: nn.Module, modules: dict[str, nn.Module], calibration) -> dict[str, torch.Tensor]:
-    """E[x_j²] of every target module's inputs on the calibration data ({} without data)."""
+def input_channel_power(model: nn.Module, modules: dict[str, nn.Module],
+                        calibration) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """E[x_j²] of every target module's inputs on the calibration data ({} without data), and the final
+    normed hidden states (the output matrix's inputs)."""
     if calibration is None:
-        return {}
+        return {}, None
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
@@ -205,4 +294,4 @@ def input_channel_power(model: nn.Module, modules: dict[str, nn.Module], calibra
     if head in modules:  # the (tied) output matrix sees the final normed hidden states
         flat = head_inputs.reshape(-1, head_inputs.shape[-1])
         power[head] = flat.pow(2).mean(0)
-    return power
+    return power, head_inputs

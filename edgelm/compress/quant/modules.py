@@ -43,6 +43,14 @@ class PackedWeight(nn.Module):
         weight.zeros.copy_(zero.to(zero_dtype))
         return weight
 
+    def select_rows(self, rows: torch.Tensor) -> PackedWeight:
+        """A PackedWeight of just these rows (same format)."""
+        part = PackedWeight(rows.numel(), self.in_features, self.scheme, self.zeros.dtype)
+        part.packed.copy_(self.packed[rows])
+        part.scales.copy_(self.scales[rows])
+        part.zeros.copy_(self.zeros[rows])
+        return part
+
     def codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         packed = self.packed if rows is None else self.packed[rows]
         return unpack(packed, self.scheme.bits, self.in_features)
@@ -94,3 +102,71 @@ class QuantizedEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
         return self.weight_q.dequantize(rows=flat).reshape(*ids.shape, self.embedding_dim)
+
+
+class RowTieredWeight(nn.Module):
+    """A matrix whose rows are split into tiers, each tier packed with its own format.
+
+    For a token embedding / tied output matrix most rows are rare tokens that carry almost none of the
+    probability mass and are rarely looked up: they can take far fewer bits than the frequent ones.
+    `tier[r]` names the part holding row r; rows keep their order within a part.
+    """
+
+    def __init__(self, parts: list[PackedWeight], tier: torch.Tensor):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.out_features, self.in_features = tier.numel(), parts[0].in_features
+        self.register_buffer("tier", tier.to(torch.uint8))
+        self.register_buffer("local", torch.empty(0, dtype=torch.int64), persistent=False)
+        self._index()
+        self.scale_gain = None
+
+    @classmethod
+    def from_parts(cls, row_sets: list[torch.Tensor], parts: list[PackedWeight]) -> RowTieredWeight:
+        """Part k holds the rows `row_sets[k]` (ascending), which together cover every row once."""
+        n_rows = sum(rows.numel() for rows in row_sets)
+        tier = torch.full((n_rows,), 255, dtype=torch.uint8)
+        for k, rows in enumerate(row_sets):
+            tier[rows] = k
+        if (tier == 255).any():
+            raise ValueError("row tiers must cover every row exactly once")
+        return cls(parts, tier)
+
+    def _index(self) -> None:
+        """local[r]: the position of row r inside its part (derived, so not stored)."""
+        if self.tier.is_meta:  # a model directory being built: indexed once the real tiers are loaded
+            return
+        local = torch.empty(self.out_features, dtype=torch.int64)
+        for k in range(len(self.parts)):
+            rows = (self.tier == k).nonzero().squeeze(1)
+            local[rows] = torch.arange(rows.numel())
+        self.local = local
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._index()
+
+    @property
+    def scheme(self) -> QuantScheme:
+        """The format of the part holding the most rows (for summaries; each part has its own)."""
+        counts = torch.bincount(self.tier.long(), minlength=len(self.parts))
+        return self.parts[int(counts.argmax())].scheme
+
+    def dequantize(self, rows: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if rows is None:
+            rows = torch.arange(self.out_features)
+        out = torch.empty(rows.numel(), self.in_features, dtype=dtype)
+        tiers = self.tier[rows]
+        for k, part in enumerate(self.parts):
+            mine = (tiers == k).nonzero().squeeze(1)
+            if mine.numel():
+                out[mine] = part.dequantize(rows=self.local[rows[mine]], dtype=dtype)
+        return out
+
+    @property
+    def storage_bytes(self) -> int:
+        return sum(p.storage_bytes for p in self.parts) + self.tier.numel()
+
+    def extra_repr(self) -> str:
+        counts = torch.bincount(self.tier.long(), minlength=len(self.parts)).tolist()
+        return ", ".join(f"{n} rows at {p.scheme.bits} bits/g{p.scheme.group_size}" for n, p in zip(counts, self.parts))

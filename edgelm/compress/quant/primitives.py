@@ -90,25 +90,53 @@ def fake_quantize(w: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor | flo
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack uint8 codes of `bits` bits densely into bytes, row by row: [out, in] -> [out, ceil(in*bits/8)]."""
+    """Pack uint8 codes of `bits` bits densely into bytes, row by row: [out, in] -> [out, ceil(in*bits/8)].
+
+    Little-endian bit stream: bit j of code i lands at stream position i * bits + j. Eight codes fill
+    exactly `bits` bytes, so they are combined into one integer word and split into bytes (fast, and
+    processed in row chunks to bound the working memory).
+    """
     out, inp = codes.shape
-    bit_idx = torch.arange(bits, dtype=torch.uint8)
-    # Little-endian bit stream: bit j of code i lands at stream position i * bits + j.
-    stream = ((codes[..., None] >> bit_idx) & 1).reshape(out, inp * bits)
-    pad = (-stream.shape[1]) % 8
-    if pad:
-        stream = torch.nn.functional.pad(stream, (0, pad))
-    weights = (1 << torch.arange(8, dtype=torch.int32)).to(torch.int32)
-    return (stream.reshape(out, -1, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
+    row_bytes = -(-inp * bits // 8)
+    if bits == 8:
+        return codes.to(torch.uint8).contiguous()
+    padded = torch.nn.functional.pad(codes, (0, (-inp) % 8)) if inp % 8 else codes
+    word_dtype = torch.int32 if bits <= 3 else torch.int64  # 8 codes x bits must fit the word (signed)
+    shifts = (torch.arange(8, dtype=word_dtype) * bits)
+    byte_shifts = torch.arange(bits, dtype=word_dtype) * 8
+    result = torch.empty(out, padded.shape[1] // 8 * bits, dtype=torch.uint8)
+    for rows in range(0, out, _ROW_CHUNK):
+        chunk = padded[rows:rows + _ROW_CHUNK].to(word_dtype).reshape(-1, padded.shape[1] // 8, 8)
+        words = (chunk << shifts).sum(-1)
+        result[rows:rows + _ROW_CHUNK] = ((words[..., None] >> byte_shifts) & 0xFF).to(torch.uint8).flatten(1)
+    return result[:, :row_bytes].contiguous()
 
 
 def unpack(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     """Inverse of pack: [out, n_bytes] -> uint8 codes [out, in_features]."""
     out = packed.shape[0]
-    bit_idx = torch.arange(8, dtype=torch.uint8)
-    stream = ((packed[..., None] >> bit_idx) & 1).reshape(out, -1)[:, : in_features * bits]
-    weights = (1 << torch.arange(bits, dtype=torch.int32)).to(torch.int32)
-    return (stream.reshape(out, in_features, bits).to(torch.int32) * weights).sum(-1).to(torch.uint8)
+    if bits == 8:
+        return packed[:, :in_features]
+    if bits in (1, 2, 4):  # whole codes per byte: shifts on the bytes themselves
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+        return ((packed[..., None] >> shifts) & ((1 << bits) - 1)).flatten(1)[:, :in_features]
+    n_words = -(-in_features // 8)
+    full = n_words * bits
+    if packed.shape[1] < full:
+        packed = torch.nn.functional.pad(packed, (0, full - packed.shape[1]))
+    word_dtype = torch.int32 if bits <= 3 else torch.int64
+    byte_shifts = torch.arange(bits, dtype=word_dtype) * 8
+    shifts = torch.arange(8, dtype=word_dtype) * bits
+    mask = (1 << bits) - 1
+    result = torch.empty(out, n_words * 8, dtype=torch.uint8)
+    for rows in range(0, out, _ROW_CHUNK):
+        chunk = packed[rows:rows + _ROW_CHUNK].to(word_dtype).reshape(-1, n_words, bits)
+        words = (chunk << byte_shifts).sum(-1)
+        result[rows:rows + _ROW_CHUNK] = ((words[..., None] >> shifts) & mask).to(torch.uint8).flatten(1)
+    return result[:, :in_features]
+
+
+_ROW_CHUNK = 16384
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:

@@ -1,0 +1,75 @@
+"""The quality ladder's report: a markdown table and a PNG plot of perplexity against bits per weight.
+
+Records are dicts with engine, name, bpw, ppl (first N chunks), optionally ppl_all (every chunk), kld,
+top1 and compress_s; `benchmarks/quality_ladder.py` produces them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def markdown_table(records: list[dict]) -> str:
+    rows = sorted(records, key=lambda r: (r["engine"] != "edgelm", -r["bpw"]))
+    lines = ["| engine | rung | bits per weight | PPL (first chunks) | PPL (all chunks) | KLD | same top % | time |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ppl_all = f"{r['ppl_all']:.3f}" if r.get("ppl_all") else ""
+        kld = f"{r['kld']:.4f}" if r.get("kld") is not None else ""
+        top1 = f"{100 * r['top1']:.1f}" if r.get("top1") is not None else ""
+        seconds = f"{r['compress_s']:.0f} s" if r.get("compress_s") is not None else ""
+        lines.append(f"| {r['engine']} | {r['name']} | {r['bpw']:.3f} | {r['ppl']:.3f} ± {r['stderr']:.3f} | "
+                     f"{ppl_all} | {kld} | {top1} | {seconds} |")
+    return "\n".join(lines) + "\n"
+
+
+def pareto_front(records: list[dict]) -> list[dict]:
+    """Rungs no other rung beats on both size and perplexity, by increasing bits per weight."""
+    front, best = [], float("inf")
+    for r in sorted(records, key=lambda r: (r["bpw"], r["ppl"])):
+        if r["ppl"] < best:
+            front.append(r)
+            best = r["ppl"]
+    return front
+
+
+def plot(records: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
+    styles = {"edgelm": ("tab:blue", "o"), "llama.cpp": ("tab:orange", "s")}
+    for engine, (color, marker) in styles.items():
+        mine = [r for r in records if r["engine"] == engine]
+        if not mine:
+            continue
+        ax.scatter([r["bpw"] for r in mine], [r["ppl"] for r in mine], color=color, marker=marker, label=engine,
+                   zorder=3)
+        front = pareto_front(mine)
+        ax.plot([r["bpw"] for r in front], [r["ppl"] for r in front], color=color, alpha=0.6, zorder=2)
+        for r in mine:
+            ax.annotate(r["name"], (r["bpw"], r["ppl"]), textcoords="offset points", xytext=(4, 3), fontsize=6,
+                        color=color)
+    ax.set_xlabel("bits per weight (whole model, embedding included)")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.partial.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def render_report(records: list[dict], out_dir: Path, title: str) -> None:
+    table = out_dir / "ladder.md"
+    tmp = table.with_name(".ladder.md.partial")
+    tmp.write_text(f"# Quality ladder: {title}\n\n" + markdown_table(records))
+    os.replace(tmp, table)
+    if records:
+        plot(records, out_dir / "ladder.png", title)

@@ -1,0 +1,94 @@
+"""Source grids: ggml blocks decode to edgelm's (codes, scale, zero) form exactly; keeping them is lossless;
+mixed precision offers them; row-tiered embeddings round-trip through model directories."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import edgelm
+from edgelm.compress import KeepSource, MixedPrecision, Wanda, compress
+from edgelm.compress.calibration import Calibration
+from edgelm.compress.quant.modules import QuantizedEmbedding, QuantizedLinear, RowTieredWeight
+from edgelm.io.artifact import model_size, save_artifact
+from edgelm.io.ggml_grids import DECODERS, decode_grid
+from tests.tiny_gguf import TinyConfig, write_tiny_model
+
+# Byte offsets of the fp16 fields of each block type (random bytes there could be NaN or huge).
+FP16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q6_K": [208]}
+
+
+@pytest.mark.parametrize("type_name", sorted(DECODERS))
+def test_grids_match_ggml_dequantization(type_name):
+    import gguf
+    from gguf.quants import dequantize
+
+    block_bytes, block_weights, _ = DECODERS[type_name]
+    rows, cols = 6, 2 * max(block_weights, 256)
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (rows, cols // block_weights, block_bytes), dtype=np.uint8)
+    for offset in FP16_FIELDS[type_name]:
+        raw[..., offset:offset + 2] = rng.uniform(0.001, 0.1, raw.shape[:2]).astype(np.float16)[..., None].view(np.uint8)
+    raw = raw.reshape(rows, -1)
+    expected = dequantize(raw, gguf.GGMLQuantizationType[type_name]).reshape(rows, cols)
+    grid = decode_grid(type_name, raw, (rows, cols))
+    np.testing.assert_allclose(grid.dequantize(), expected, rtol=1e-5, atol=1e-6)
+    assert grid.codes.max() < 2 ** grid.bits
+    assert decode_grid("F32", raw, (rows, cols)) is None
+
+
+@pytest.fixture
+def q5_model(tmp_path):
+    path = write_tiny_model(tmp_path / "m.gguf", TinyConfig(arch="qwen2", dim=128, hidden_dim=256,
+                                                          weight_type="Q5_0"))
+    return edgelm.load(path)
+
+
+def test_keeping_the_source_is_lossless(q5_model, tmp_path):
+    model, tokenizer = q5_model
+    ids = torch.randint(3, model.args.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        before = model(ids)
+    compress(model, [KeepSource()])
+    assert isinstance(model.layers[0].attn.wq, QuantizedLinear)
+    assert model.layers[0].attn.wq.weight_q.scheme.bits == 5
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids), before, rtol=0, atol=1e-5)
+    assert model_size(model)["bits_per_weight"] < 6.5  # Q5_0 everywhere: 5.5, plus float norms
+    loaded, _ = edgelm.load(save_artifact(model, tokenizer, tmp_path / "kept"))
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(ids), before, rtol=0, atol=1e-5)
+
+
+def test_changed_weights_do_not_get_the_old_grid(q5_model):
+    model, _ = q5_model
+    calibration = Calibration(torch.randint(3, model.args.vocab_size, (4, 32)), "random")
+    compress(model, [Wanda(sparsity=0.5), KeepSource()], calibration)
+    assert not isinstance(model.layers[0].attn.wq, QuantizedLinear)  # pruned: the file no longer describes it
+    assert isinstance(model.tok_embeddings, QuantizedEmbedding)  # never pruned: kept
+
+
+def test_mixed_precision_keeps_source_grids_and_tiers_the_embedding(tmp_path):
+    path = write_tiny_model(tmp_path / "m.gguf", TinyConfig(arch="qwen2", dim=128, hidden_dim=256,
+                                                          weight_type="Q8_0"))
+    model, tokenizer = edgelm.load(path)
+    n_vocab = model.args.vocab_size
+    tokens = torch.randint(3, n_vocab, (8, 64), generator=torch.Generator().manual_seed(0))
+    step = MixedPrecision(target_bpw=6.0, embedding_tiers=(n_vocab // 8, n_vocab // 2), method="rtn")
+    compress(model, [step], Calibration(tokens, "random"))
+    plan = model.mixed_precision_plan
+    assert "source" in plan.values()
+    assert {f"tok_embeddings[{k}]" for k in range(3)} <= set(plan)
+    weight = model.tok_embeddings.weight_q
+    assert isinstance(weight, RowTieredWeight) and len(weight.parts) == 3
+    assert sorted(torch.bincount(weight.tier.long()).tolist()) == sorted(
+        [n_vocab // 8, n_vocab // 2 - n_vocab // 8, n_vocab - n_vocab // 2])
+    assert model_size(model)["bits_per_weight"] <= 6.0
+    # Row lookups and the full matrix agree, and the directory round trip is exact.
+    rows = torch.tensor([5, 3, n_vocab - 1, 0])
+    torch.testing.assert_close(weight.dequantize(rows), weight.dequantize()[rows], rtol=0, atol=0)
+    loaded, _ = edgelm.load(save_artifact(model, tokenizer, tmp_path / "mixed"))
+    ids = tokens[:1, :24]
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
