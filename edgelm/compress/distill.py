@@ -3,6 +3,7 @@
 - DistillScales (white-box KD, as MLX-LM's DWQ): the integer codes stay fixed; each group's scale gets a
   trainable gain, optimised with Adam on KL(teacher ‖ student) of the next-token distributions over
   calibration text. The trained scales are written back as fp16: an ordinary quantized model, same size.
+- DistillWeights: plain white-box KD of the float weights on the same objective (after structured pruning).
 - QAT: the float weights are trained through fake quantization (straight-through estimator) on the same
   KL objective, then quantized to the packed format with the same scheme.
 """
@@ -101,6 +102,44 @@ class QAT(QuantStep):
         if self.embedding:
             embedding = model.tok_embeddings
             swap_in_quantized(model, "tok_embeddings", embedding, rtn_quantize_weight(embedding.weight, self.scheme))
+        return model
+
+
+@dataclass(frozen=True)
+class DistillWeights(Step):
+    """White-box KD of the float weights: every linear layer of the blocks (and the norms) trained on
+    KL(teacher ‖ student). The recovery step after structured pruning; the embedding stays frozen."""
+
+    name: ClassVar[str] = "distill_weights"
+    needs_calibration: ClassVar[bool] = True
+    needs_reference: ClassVar[bool] = True
+
+    steps: int = 100
+    lr: float = 2e-5
+    batch_size: int = 2
+    seq_len: int = 256
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.lr <= 0 or self.batch_size < 1 or self.seq_len < 2:
+            raise RecipeError("distill_weights: steps, batch_size must be >= 1, seq_len >= 2 and lr > 0")
+
+    def apply(self, model: nn.Module, calibration: Any = None) -> nn.Module:
+        if calibration is None:
+            raise RecipeError("distill_weights needs calibration text (--calib FILE, or data-free samples)")
+        teacher = reference_model(model, "distill_weights")
+        trained = [p for p in model.layers.parameters() if p.dtype.is_floating_point]
+        if not trained:
+            raise RecipeError("distill_weights found no float weights in the blocks; put it before quantization")
+        frozen = [p for p in model.parameters() if all(p is not t for t in trained)]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            train(trained, calibration.tokens[:, : self.seq_len], self.steps, self.lr, self.batch_size,
+                  "distill_weights",
+                  lambda batch: kl_divergence(teacher_logp(teacher, batch), F.log_softmax(model(batch).float(), -1)))
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
         return model
 
 

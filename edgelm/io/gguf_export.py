@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,11 @@ def write_metadata(writer, key: str, value: Any) -> None:
 
 def architecture_metadata(args) -> dict[str, Any]:
     """The `{arch}.*` keys llama.cpp reads, from ModelArgs."""
+    if args.local_layers is not None and args.local_layers != [
+            replace(args, local_layers=None).is_local(i) for i in range(args.n_layers)]:
+        raise EdgelmError("this model's layers no longer follow the architecture's sliding-window pattern "
+                          "(structured pruning removed layers), which a GGUF cannot describe; export the model "
+                          "before dropping layers, or prune with drop_layers: 0")
     keys = {
         "context_length": args.max_context,
         "embedding_length": args.dim,

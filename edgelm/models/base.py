@@ -39,11 +39,15 @@ class ModelArgs:
     sliding_window: int | None = None
     sliding_window_pattern: int | None = None  # every Nth layer is global (gemma3: 6)
     rope_base_local: float | None = None  # rope base of local layers, when it differs
+    # Explicit per-layer sliding-window flags, once structured pruning removed layers from the pattern.
+    local_layers: list[bool] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def is_local(self, layer: int) -> bool:
         if self.sliding_window is None:
             return False
+        if self.local_layers is not None:
+            return self.local_layers[layer]
         if not self.sliding_window_pattern:
             return True
         # llama.cpp's rule: in each group of `pattern` layers the last one is global.
