@@ -29,7 +29,7 @@ DATA = ROOT.parent / "shared" / "data"
 
 # edgelm's rungs: name -> recipe (the same YAML-like lists `edgelm compress --recipe` reads).
 EDGELM_RUNGS: dict[str, list[dict]] = {
-    "rtn-8": [{"rtn": {"bits": 8, "group_size": 64}}],
+    "source": [{"source": {}}],  # the file's own grids, lossless
     "mixed-6": [{"mixed": {"target_bpw": 6.0}}],
     "mixed-5": [{"mixed": {"target_bpw": 5.0}}],
     "mixed-4.5": [{"mixed": {"target_bpw": 4.5}}],
@@ -37,11 +37,15 @@ EDGELM_RUNGS: dict[str, list[dict]] = {
     "mixed-3.5": [{"mixed": {"target_bpw": 3.5}}],
     "mixed-3": [{"mixed": {"target_bpw": 3.0}}],
     "mixed-2.5": [{"mixed": {"target_bpw": 2.5}}],
-    "mixed-2": [{"mixed": {"target_bpw": 2.05}}],
+    "mixed-2.25": [{"mixed": {"target_bpw": 2.25}}],
     "rtn-3+lorc-8": [{"rtn": {"bits": 3, "group_size": 64}}, {"lorc": {"rank": 8}}],
     "wanda-50%": [{"wanda": {"sparsity": 0.5}}],
     "sparsegpt-50%": [{"sparsegpt": {"sparsity": 0.5}}],
     "sparsegpt-2:4+gptq-4": [{"sparsegpt": {"sparsity": "2:4"}}, {"gptq": {"bits": 4, "group_size": 64}}],
+    # ~200M parameters: 12 of 18 blocks, half the FFN channels and half the query heads.
+    "structured-200M": [{"prune_structured": {"ffn_keep": 0.5, "heads_keep": 0.5, "drop_layers": 6}}],
+    "structured-200M+kd": [{"prune_structured": {"ffn_keep": 0.5, "heads_keep": 0.5, "drop_layers": 6}},
+                           {"distill_weights": {"steps": 100, "lr": 2e-5}}],
 }
 
 # llama.cpp's rungs: (type, imatrix?, token-embedding type or None).
@@ -107,7 +111,7 @@ def run_edgelm(args, results: Results, base, tokenizer) -> None:
         model = copy.deepcopy(base)
         start = time.perf_counter()
         torch.manual_seed(0)
-        compress(model, parse_recipe(recipe), calibration)
+        model = compress(model, parse_recipe(recipe), calibration)
         seconds = time.perf_counter() - start
         scored = perplexity_of_file(model, tokenizer, args.test, chunks=args.chunks, reference=base)
         record = {"engine": "edgelm", "name": name, "recipe": recipe, "bpw": model_size(model)["bits_per_weight"],
@@ -162,7 +166,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-m", "--model", default="gemma-3-270m")
     parser.add_argument("--calib", type=Path, default=DATA / "wikitext-2" / "valid.txt")
-    parser.add_argument("--calib-samples", type=int, default=64)
+    parser.add_argument("--calib-samples", type=int, default=32, help="calibration windows of 512 tokens")
     parser.add_argument("--test", type=Path, default=DATA / "wikitext-2-raw" / "wiki.test.raw")
     parser.add_argument("--chunks", type=int, default=40, help="chunks for the main PPL column (default: 40)")
     parser.add_argument("--full", action="store_true", help="also score all chunks of the test file")

@@ -83,3 +83,13 @@ def test_prune_command(tiny, tmp_path):
     assert ((weight == 0).sum(-1) == 2).all()
     done = edgelm_cli("prune", "-m", tiny, "--method", "magnitude", "--sparsity", "3:2", "-o", tmp_path / "x")
     assert done.returncode == 1 and "Traceback" not in done.stderr
+
+
+def test_structured_prune_command(tiny, tmp_path):
+    done = edgelm_cli("prune", "-m", tiny, "--method", "structured", "--ffn-keep", "0.5", "--drop-layers", "1",
+                      "--calib-samples", "4", "--calib-seq-len", "32", "-o", tmp_path / "s")
+    assert done.returncode == 0, done.stderr
+    source, _ = edgelm.load(tiny)
+    model, _ = edgelm.load(tmp_path / "s")
+    assert model.args.n_layers == source.args.n_layers - 1
+    assert model.args.hidden_dim == source.args.hidden_dim // 2

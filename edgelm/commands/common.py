@@ -91,7 +91,7 @@ def compress_and_save(args: argparse.Namespace, steps) -> int:
     set_threads(args.threads)
     model, tokenizer = edgelm.load(args.model)
     calibration = calibration_for(args, model, tokenizer) if any(s.needs_calibration for s in steps) else None
-    compress(model, steps, calibration)
+    model = compress(model, steps, calibration)  # a step may return a new (e.g. smaller) model
     out = save_artifact(model, tokenizer, args.output, recipe=[s.to_dict() for s in steps])
     stats = model_size(model)
     print(f"{out}: {stats['parameters'] / 1e6:.1f}M weights in {stats['bytes'] / 1e6:.1f} MB "

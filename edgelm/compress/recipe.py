@@ -1,7 +1,7 @@
 """Compression recipes: an ordered list of typed steps, each applied to a model in turn.
 
     recipe = [RTN(bits=4, group_size=64)]
-    compress(model, recipe)
+    model = compress(model, recipe)
 
 Steps are frozen dataclasses. Parsing from YAML/JSON-like dicts is strict: an unknown step, an unknown
 field or a value of the wrong type is a RecipeError naming it (with the closest valid name), never ignored.
@@ -85,7 +85,8 @@ def parse_recipe(data: Any) -> list[Step]:
 
 
 def compress(model: nn.Module, recipe: list[Step] | Step, calibration: Any = None) -> nn.Module:
-    """Apply each step of the recipe to the model in order (in place); returns the model.
+    """Apply each step of the recipe to the model in order; returns the model. Most steps work in place, but
+    some build a new one (structured pruning makes a smaller model): always use the returned model.
 
     Steps that need the uncompressed model (needs_reference) find a copy of it, taken before the first
     step, as `model.compression_reference` while the recipe runs.

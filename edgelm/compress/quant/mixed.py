@@ -31,7 +31,8 @@ from edgelm.compress.quant.source import SourceGrids
 from edgelm.compress.recipe import Step, target_modules
 from edgelm.errors import RecipeError
 
-DEFAULT_FORMATS = ((2, 32), (3, 32), (3, 64), (4, 32), (4, 64), (4, 128), (5, 64), (6, 64), (8, 64))
+DEFAULT_FORMATS = ((2, 32), (2, 64), (2, 128), (3, 32), (3, 64), (3, 128), (4, 32), (4, 64), (4, 128), (5, 64),
+                   (6, 64), (8, 64))
 
 
 @dataclass(frozen=True)
