@@ -7,8 +7,10 @@ from pathlib import Path
 from edgelm.errors import ModelFormatError
 
 
-def load(name_or_path: str | Path, *, pull: bool = True):
-    """Load a model and its tokenizer. Registry names are pulled into the cache on first use."""
+def load(name_or_path: str | Path, *, pull: bool = True, bits: int | None = None):
+    """Load a model and its tokenizer. Registry names are pulled into the cache on first use.
+
+    `bits` picks the precision of an any-precision model directory (one store, 3- to 8-bit models)."""
     from edgelm.io.artifact import is_artifact, load_artifact
     from edgelm.io.gguf import GGUFFile
     from edgelm.models import load_gguf_model
@@ -20,9 +22,29 @@ def load(name_or_path: str | Path, *, pull: bool = True):
         if not is_artifact(path):
             raise ModelFormatError(f"{path}: a directory without config.json; pass a .gguf file or a "
                                    "directory written by edgelm (quantize/compress -o DIR)")
-        return load_artifact(path)
+        model, tokenizer = load_artifact(path)
+        if bits is not None:
+            _set_bits(model, bits, path)
+        return model, tokenizer
+    if bits is not None:
+        raise ModelFormatError(f"{path}: --bits selects a precision of an any-precision model directory; "
+                               "make one with `edgelm quantize --method anyprec -o DIR`")
     gguf = GGUFFile(path)
     tokenizer = Tokenizer.from_metadata(gguf.metadata, source=str(path))
     model = load_gguf_model(gguf)
     model.source = str(path)
     return model, tokenizer
+
+
+def _set_bits(model, bits: int, path: Path) -> None:
+    from edgelm.compress.quant.anyprec import AnyPrecisionLinear
+
+    layers = [m for m in model.modules() if isinstance(m, AnyPrecisionLinear)]
+    if not layers:
+        raise ModelFormatError(f"{path}: not an any-precision model, so --bits does not apply; make one with "
+                               "`edgelm quantize --method anyprec -o DIR`")
+    highest = min(m.weight_ap.max_bits for m in layers)
+    if not 2 <= bits <= highest:
+        raise ModelFormatError(f"{path}: holds 2 to {highest} bits per weight, not {bits}; choose --bits in that range")
+    for layer in layers:
+        layer.set_bits(bits)

@@ -10,6 +10,7 @@ from edgelm.compress import AnyPrecision, compress, set_precision
 from edgelm.compress.quant.anyprec import AnyPrecisionLinear, AnyPrecisionWeight
 from edgelm.compress.quant.primitives import QuantScheme, fake_quantize, sqnr_db
 from edgelm.errors import RecipeError
+from edgelm.io.artifact import model_size
 from tests.tiny_gguf import TinyConfig, write_tiny_model
 
 
@@ -56,3 +57,37 @@ def test_model_switches_precision(tmp_path):
         set_precision(model, 9)
     with pytest.raises(RecipeError, match="min_bits <= bits"):
         AnyPrecision(bits=2, min_bits=3)
+
+
+def test_model_directory_holds_every_precision(tmp_path):
+    """One saved any-precision store; `load(..., bits=N)` / `--bits N` picks the precision at load time."""
+    import subprocess
+    import sys
+
+    from edgelm.errors import ModelFormatError
+    from edgelm.io.artifact import save_artifact
+
+    path = write_tiny_model(tmp_path / "m.gguf", TinyConfig(arch="qwen2", dim=128, hidden_dim=256))
+    model, tokenizer = edgelm.load(path)
+    compress(model, [AnyPrecision(max_bits=8, min_bits=3, bits=4, group_size=32)])
+    out = save_artifact(model, tokenizer, tmp_path / "ap")
+    ids = torch.randint(3, model.args.vocab_size, (1, 16))
+    stored = model_size(model)["bits_per_weight"]
+    outputs = {}
+    for bits in (3, 4, 8):
+        set_precision(model, bits)
+        loaded, _ = edgelm.load(out, bits=bits)
+        with torch.inference_mode():
+            outputs[bits] = loaded(ids)
+            torch.testing.assert_close(outputs[bits], model(ids), rtol=0, atol=0)
+        assert model_size(loaded)["bits_per_weight"] == stored  # the store, whatever the active precision
+    assert not torch.equal(outputs[3], outputs[8])
+    with pytest.raises(ModelFormatError, match="holds 2 to 8 bits"):
+        edgelm.load(out, bits=9)
+    with pytest.raises(ModelFormatError, match="not an any-precision model"):
+        edgelm.load(save_artifact(edgelm.load(path)[0], tokenizer, tmp_path / "plain"), bits=4)
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    done = subprocess.run([sys.executable, "-m", "edgelm", "perplexity", "-m", str(out), "--bits", "3", "-f",
+                           str(text), "-c", "16", "--chunks", "2"], capture_output=True, text=True)
+    assert done.returncode == 0 and "PPL = " in done.stdout, done.stderr

@@ -92,3 +92,20 @@ def test_mixed_precision_keeps_source_grids_and_tiers_the_embedding(tmp_path):
     ids = tokens[:1, :24]
     with torch.inference_mode():
         torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_real_gemma_keeps_its_q4_k_m_grids_losslessly(gemma_path):
+    model, _ = edgelm.load(gemma_path)
+    ids = torch.randint(3, 30000, (1, 48), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        before = torch.log_softmax(model(ids, logits_at=slice(-8, None)).float(), -1)
+    compress(model, [KeepSource()])
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "Linear" not in kinds and "Embedding" not in kinds  # every matrix came from the file
+    # Q8_0 embedding, Q5_0/Q8_0/Q4_K/Q6_K layers: 7.42 bits per weight (the file: 7.55 with its metadata).
+    assert 7.3 < model_size(model)["bits_per_weight"] < 7.5
+    with torch.inference_mode():
+        after = torch.log_softmax(model(ids, logits_at=slice(-8, None)).float(), -1)
+    kld = float((before.exp() * (before - after)).sum(-1).mean())
+    assert kld < 1e-4

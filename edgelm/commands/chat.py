@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgelm.commands.common import (add_kv_bits_argument, add_model_argument, add_sampling_arguments,
-                                    add_threads_argument, sampling_params, set_threads)
+from edgelm.commands.common import (add_kv_bits_argument, add_model_argument, add_precision_argument,
+                                    add_sampling_arguments, add_threads_argument, load_model, sampling_params,
+                                    set_threads)
 
 HELP = "Type a message and press Enter. /clear starts over, /exit (or Ctrl-D) quits."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
+    add_precision_argument(parser)
     parser.add_argument("--system", default=None, help="system prompt")
     add_sampling_arguments(parser)
     add_threads_argument(parser)
@@ -32,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     params = sampling_params(args)
     set_threads(args.threads)
-    model, tokenizer = edgelm.load(args.model)
+    model, tokenizer = load_model(args)
     model.set_kv_bits(args.kv_bits)
     if tokenizer.chat_template is None:
         from edgelm.errors import TokenizerError

@@ -13,6 +13,18 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
                         help=f"registry name or path to a .gguf file (default: {DEFAULT_MODEL})")
 
 
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bits", type=int, default=None,
+                        help="precision of an any-precision model directory (e.g. 3 to 8); default: as saved")
+
+
+def load_model(args: argparse.Namespace):
+    """(model, tokenizer) for args.model, at args.bits when the command offers --bits."""
+    import edgelm
+
+    return edgelm.load(args.model, bits=getattr(args, "bits", None))
+
+
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-t", "--threads", type=int, default=None,
                         help="CPU threads for compute (default: all cores)")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from edgelm.commands.common import add_model_argument, add_threads_argument, set_threads
+from edgelm.commands.common import (add_model_argument, add_precision_argument, add_threads_argument, load_model,
+                                    set_threads)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
+    add_precision_argument(parser)
     parser.add_argument("--reference", default=None,
                         help="uncompressed model to compare with (default: the source recorded in the directory)")
     parser.add_argument("-f", "--file", required=True, help="evaluation text (read as raw bytes)")
@@ -26,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from edgelm.io.artifact import model_size
 
     set_threads(args.threads)
-    model, tokenizer = edgelm.load(args.model)
+    model, tokenizer = load_model(args)
     reference_name = args.reference or getattr(model, "source", None)
     if reference_name is None:
         raise EdgelmError(f"{args.model} records no source model; pass --reference MODEL")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgelm.commands.common import (add_kv_bits_argument, add_model_argument, add_sampling_arguments,
-                                    add_threads_argument, sampling_params, set_threads)
+from edgelm.commands.common import (add_kv_bits_argument, add_model_argument, add_precision_argument,
+                                    add_sampling_arguments, add_threads_argument, load_model, sampling_params,
+                                    set_threads)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
+    add_precision_argument(parser)
     parser.add_argument("-p", "--prompt", required=True, help="prompt text ('-' reads standard input)")
     add_sampling_arguments(parser)
     add_threads_argument(parser)
@@ -25,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     params = sampling_params(args)
     set_threads(args.threads)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tokenizer = edgelm.load(args.model)
+    model, tokenizer = load_model(args)
     model.set_kv_bits(args.kv_bits)
     last = None
     for response in edgelm.stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens,

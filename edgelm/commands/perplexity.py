@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from edgelm.commands.common import add_kv_bits_argument, add_model_argument, add_threads_argument, set_threads
+from edgelm.commands.common import (add_kv_bits_argument, add_model_argument, add_precision_argument,
+                                    add_threads_argument, load_model, set_threads)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
+    add_precision_argument(parser)
     parser.add_argument("-f", "--file", required=True, help="text file to evaluate (read as raw bytes)")
     parser.add_argument("-c", "--ctx", type=int, default=512, help="context per chunk (default: 512)")
     parser.add_argument("--chunks", type=int, default=None, help="evaluate only the first N chunks")
@@ -19,11 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import edgelm
     from edgelm.bench.quality import perplexity_of_file
 
     set_threads(args.threads)
-    model, tokenizer = edgelm.load(args.model)
+    model, tokenizer = load_model(args)
     model.set_kv_bits(args.kv_bits)
     result = perplexity_of_file(model, tokenizer, args.file, ctx=args.ctx, chunks=args.chunks,
                                 progress=not args.json)

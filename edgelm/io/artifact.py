@@ -116,6 +116,7 @@ def module_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
     (a quantized linear or embedding, "wraps", plus a float16 rank-r correction U V).
     """
     from edgelm.compress.lowrank import LoRCEmbedding, LoRCLinear, LowRankLinear
+    from edgelm.compress.quant.anyprec import AnyPrecisionLinear
     from edgelm.compress.quant.modules import QuantizedEmbedding, QuantizedLinear
 
     layout: dict[str, dict[str, Any]] = {}
@@ -129,6 +130,12 @@ def module_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
             inside_wrappers.add(f"{name}.quantized" if name else "quantized")
         elif isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
             layout[name] = _quantized_spec(module)
+        elif isinstance(module, AnyPrecisionLinear):
+            w = module.weight_ap
+            layout[name] = {"kind": "anyprec", "wraps": "embedding" if module.embedding else "linear",
+                            "out_features": w.out_features, "in_features": w.in_features,
+                            "max_bits": w.max_bits, "group_size": w.group_size, "bits": module.bits,
+                            "bias": module.bias is not None}
         elif isinstance(module, LowRankLinear):
             layout[name] = {"kind": "lowrank", "out_features": module.out_features,
                             "in_features": module.in_features, "rank": module.rank,
@@ -164,6 +171,12 @@ def _build_module(spec: dict[str, Any]) -> nn.Module:
     from edgelm.compress.quant.primitives import QuantScheme
 
     kind = spec["kind"]
+    if kind == "anyprec":
+        from edgelm.compress.quant.anyprec import AnyPrecisionLinear, AnyPrecisionWeight
+
+        weight = AnyPrecisionWeight(spec["out_features"], spec["in_features"], spec["max_bits"], spec["group_size"])
+        bias = torch.empty(spec["out_features"]) if spec["bias"] else None
+        return AnyPrecisionLinear(weight, bias, spec["bits"], embedding=spec["wraps"] == "embedding")
     if kind == "lowrank":
         return LowRankLinear.empty(spec["out_features"], spec["in_features"], spec["rank"], spec["bias"],
                                    getattr(torch, spec.get("dtype", "float32")))
@@ -210,12 +223,16 @@ def read_config(path: Path) -> dict[str, Any]:
 def model_size(model: nn.Module) -> dict[str, float]:
     """Weights represented, bytes stored, bits per weight: whole model, embedding included."""
     from edgelm.compress.lowrank import LoRCEmbedding, LoRCLinear, LowRankLinear
+    from edgelm.compress.quant.anyprec import AnyPrecisionLinear
     from edgelm.compress.quant.modules import QuantizedEmbedding, QuantizedLinear
 
     n_params = n_bytes = 0
     factor_params: set[int] = set()  # LowRankLinear factors, counted with their layer below
     for module in model.modules():
-        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+        if isinstance(module, AnyPrecisionLinear):  # one store holds every precision: count the store
+            n_params += module.out_features * module.in_features
+            n_bytes += module.storage_bytes
+        elif isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
             n_params += module.weight_q.out_features * module.weight_q.in_features
             n_bytes += module.weight_q.storage_bytes
         elif isinstance(module, (LoRCLinear, LoRCEmbedding)):

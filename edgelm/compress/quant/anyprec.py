@@ -75,16 +75,32 @@ class AnyPrecisionLinear(nn.Module):
         self.weight_ap = weight
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.embedding = embedding
-        self.set_bits(bits)
+        self.in_features, self.out_features = weight.in_features, weight.out_features
+        self.register_load_state_dict_post_hook(self._after_load)
+        if weight.planes.is_meta:  # a model directory being built: the planes arrive with load_state_dict
+            self.bits = bits
+        else:
+            self.set_bits(bits)
 
     def set_bits(self, bits: int) -> None:
         packed = self.weight_ap.at_bits(bits)
-        self.active = QuantizedEmbedding(packed) if self.embedding else QuantizedLinear(packed, self.bias)
+        active = QuantizedEmbedding(packed) if self.embedding else QuantizedLinear(packed, self.bias)
+        # Not a registered submodule: the derived n-bit weight is neither stored nor counted, the planes are.
+        object.__setattr__(self, "active", active)
         self.bits = bits
 
     @property
     def weight(self) -> torch.Tensor:
         return self.active.weight
+
+    @staticmethod
+    def _after_load(module: AnyPrecisionLinear, incompatible_keys) -> None:
+        module.set_bits(module.bits)  # derive the active precision once the planes (a child's) are loaded
+
+    @property
+    def storage_bytes(self) -> int:
+        w = self.weight_ap
+        return sum(t.numel() * t.element_size() for t in (w.planes, w.scales, w.zeros))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.active(x)
