@@ -19,8 +19,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "perplexity": ("edgelm.commands.perplexity", "perplexity of a text file (llama-perplexity method)"),
     "bench": ("edgelm.commands.bench", "speed and memory benchmark, optionally against llama.cpp"),
     "quantize": ("edgelm.commands.quantize", "quantize a model (RTN, GPTQ, AWQ) into an edgelm model directory"),
-    "prune": ("edgelm.commands.prune", "prune a model (magnitude, Wanda, SparseGPT; unstructured or N:M)"),
+    "prune": ("edgelm.commands.prune", "prune a model (magnitude, Wanda, SparseGPT; N:M; structured)"),
     "compress": ("edgelm.commands.compress", "apply a compression recipe (YAML) into an edgelm model directory"),
+    "distill": ("edgelm.commands.distill", "train a compressed model against its uncompressed teacher (KD, DWQ)"),
     "export": ("edgelm.commands.export", "write a model as a GGUF file that llama.cpp loads"),
     "eval": ("edgelm.commands.eval", "quality of a compressed model: perplexity, KL divergence, top-1 agreement, size"),
 }

@@ -93,3 +93,24 @@ def test_structured_prune_command(tiny, tmp_path):
     model, _ = edgelm.load(tmp_path / "s")
     assert model.args.n_layers == source.args.n_layers - 1
     assert model.args.hidden_dim == source.args.hidden_dim // 2
+
+
+def test_distill_command_improves_a_quantized_directory(tiny, tmp_path):
+    q3 = tmp_path / "q3"
+    assert edgelm_cli("quantize", "-m", tiny, "--method", "rtn", "--bits", "3", "--group-size", "32",
+                      "-o", q3).returncode == 0
+    calib = tmp_path / "calib.txt"
+    calib.write_text("the quick brown fox jumps over the lazy dog and runs far away. " * 80)
+    done = edgelm_cli("distill", "-m", q3, "--method", "scales", "--steps", "40", "--lr", "0.01", "--calib", calib,
+                      "--calib-samples", "8", "--calib-seq-len", "64", "-o", tmp_path / "dwq")
+    assert done.returncode == 0, done.stderr
+    reference, tokenizer = edgelm.load(tiny)
+    ids = tokenizer.encode(calib.read_text())[:256]
+    kld = {name: perplexity(edgelm.load(tmp_path / name)[0], ids, ctx=64, progress=False, reference=reference).kld
+           for name in ("q3", "dwq")}
+    assert kld["dwq"] < kld["q3"], kld
+    config = json.loads((tmp_path / "dwq" / "config.json").read_text())
+    assert [next(iter(step)) for step in config["recipe"]] == ["rtn", "distill"]
+    assert config["source"] == str(tiny)
+    done = edgelm_cli("distill", "-m", q3, "--method", "nope", "-o", tmp_path / "x")
+    assert done.returncode != 0 and "Traceback" not in done.stderr

@@ -94,8 +94,9 @@ def calibration_for(args: argparse.Namespace, model, tokenizer):
     return calibration_from_model(model, tokenizer, samples, seq_len)
 
 
-def compress_and_save(args: argparse.Namespace, steps) -> int:
-    """Load args.model, apply the steps (with calibration if one needs it), write args.output, report size."""
+def compress_and_save(args: argparse.Namespace, steps, reference_name: str | None = None) -> int:
+    """Load args.model, apply the steps (with calibration if one needs it), write args.output, report size.
+    With `reference_name`, that model is the teacher of distillation steps (args.model being compressed)."""
     import edgelm
     from edgelm.compress import compress
     from edgelm.io.artifact import model_size, save_artifact
@@ -103,8 +104,12 @@ def compress_and_save(args: argparse.Namespace, steps) -> int:
     set_threads(args.threads)
     model, tokenizer = edgelm.load(args.model)
     calibration = calibration_for(args, model, tokenizer) if any(s.needs_calibration for s in steps) else None
-    model = compress(model, steps, calibration)  # a step may return a new (e.g. smaller) model
-    out = save_artifact(model, tokenizer, args.output, recipe=[s.to_dict() for s in steps])
+    reference = edgelm.load(reference_name)[0] if reference_name else None
+    source = getattr(model, "source", None)
+    recipe = [*(model.artifact_config.get("recipe", []) if hasattr(model, "artifact_config") else []),
+              *(s.to_dict() for s in steps)]
+    model = compress(model, steps, calibration, reference=reference)  # a step may return a new (smaller) model
+    out = save_artifact(model, tokenizer, args.output, recipe=recipe, source=source)
     stats = model_size(model)
     print(f"{out}: {stats['parameters'] / 1e6:.1f}M weights in {stats['bytes'] / 1e6:.1f} MB "
           f"({stats['bits_per_weight']:.2f} bits per weight)")

@@ -84,18 +84,21 @@ def parse_recipe(data: Any) -> list[Step]:
     return steps
 
 
-def compress(model: nn.Module, recipe: list[Step] | Step, calibration: Any = None) -> nn.Module:
+def compress(model: nn.Module, recipe: list[Step] | Step, calibration: Any = None,
+             reference: nn.Module | None = None) -> nn.Module:
     """Apply each step of the recipe to the model in order; returns the model. Most steps work in place, but
     some build a new one (structured pruning makes a smaller model): always use the returned model.
 
-    Steps that need the uncompressed model (needs_reference) find a copy of it, taken before the first
-    step, as `model.compression_reference` while the recipe runs.
+    Steps that need the uncompressed model (needs_reference) find it as `model.compression_reference` while
+    the recipe runs: `reference` when given (distilling a model that is already compressed), otherwise a
+    copy taken before the first step.
     """
     steps = [recipe] if isinstance(recipe, Step) else list(recipe)
     if any(step.needs_reference for step in steps):
         # Set past nn.Module.__setattr__ so the copy is not registered as a submodule (its parameters
-        # must not count as the model's).
-        object.__setattr__(model, "compression_reference", copy.deepcopy(model).eval())
+        # must not count as the model's). An already-compressed model is given its teacher explicitly.
+        teacher = reference if reference is not None else copy.deepcopy(model)
+        object.__setattr__(model, "compression_reference", teacher.eval())
     try:
         for step in steps:
             model = step.apply(model, calibration)
