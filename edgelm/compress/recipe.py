@@ -154,8 +154,10 @@ def _coerce(step: str, key: str, value: Any, hint: Any) -> Any:
                 continue
         raise RecipeError(f"step '{step}': field '{key}' = {value!r} does not fit {hint}")
     if origin is tuple:
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise RecipeError(f"step '{step}': field '{key}' must be a list of strings, got {value!r}")
+        item = typing.get_args(hint)[0]
+        if not isinstance(value, (list, tuple)) or not all(type(v) is item for v in value):
+            kind = {str: "strings", int: "integers"}.get(item, item.__name__)
+            raise RecipeError(f"step '{step}': field '{key}' must be a list of {kind}, got {value!r}")
         return tuple(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
