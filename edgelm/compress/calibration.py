@@ -123,6 +123,30 @@ class BlockRunner:
             return self.model.norm(self.hidden)
 
 
+class SharedGram:
+    """Feeds layer inputs to their statistics; statistics built on XᵀX (Hessians) get one product per
+    distinct input tensor, so q/k/v (and gate/up), which see the same input, share it."""
+
+    def __init__(self, statistics: dict):
+        self.statistics = statistics
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def observe(self, name: str, x: torch.Tensor) -> None:
+        stat = self.statistics[name]
+        if not hasattr(stat, "add_gram"):
+            stat.add(x)
+            return
+        # The last input is kept alive, so an equal data pointer, shape and stride means the very same tensor.
+        if self._last is None or not _same_tensor(self._last[0], x):
+            self._last = (x, x.T @ x)
+        stat.add_gram(self._last[1], x.shape[0])
+
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+
+
 @contextmanager
 def capture_inputs(modules: dict[str, nn.Module],
                    observe: Callable[[str, torch.Tensor], None]) -> Iterator[None]:

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from edgelm.compress.calibration import BlockRunner, capture_inputs, linear_layers
+from edgelm.compress.calibration import BlockRunner, SharedGram, capture_inputs, linear_layers
 from edgelm.compress.prune.masks import SparsityPattern, parse_sparsity
 from edgelm.compress.recipe import Step, target_modules
 from edgelm.errors import RecipeError
@@ -90,7 +90,7 @@ def prune_blocks_sequentially(model: nn.Module, calibration: Any, targets: list[
     for i, block in enumerate(model.layers):
         layers = {name: m for name, m in linear_layers(block).items() if id(m) in wanted}
         statistics = {name: new_statistics(m) for name, m in layers.items()}
-        with capture_inputs(layers, lambda name, x: statistics[name].add(x)):
+        with capture_inputs(layers, SharedGram(statistics).observe):
             runner.run(i)
         for name, module in layers.items():
             prune_layer(module, statistics[name])

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from edgelm.compress.calibration import BlockRunner, capture_inputs, linear_layers
+from edgelm.compress.calibration import BlockRunner, SharedGram, capture_inputs, linear_layers
 from edgelm.compress.quant.modules import PackedWeight, RowTieredWeight
 from edgelm.compress.quant.primitives import QuantScheme, compute_params
 from edgelm.compress.quant.rtn import QuantStep, rtn_quantize_weight, swap_in_quantized
@@ -182,27 +182,6 @@ def _sweep(w: torch.Tensor, upper: torch.Tensor, order: torch.Tensor, scheme: Qu
 
 
 # -- glue: walking the model -------------------------------------------------------------------------------
-class BlockInputs:
-    """Hessians of a block's layers. A tensor fed to several layers (q/k/v, gate/up) is multiplied once:
-    the last input is kept alive, so an equal data pointer, shape and stride means the very same tensor."""
-
-    def __init__(self, layers: dict[str, nn.Linear]):
-        self.hessians = {name: InputHessian(m.in_features) for name, m in layers.items()}
-        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def observe(self, name: str, x: torch.Tensor) -> None:
-        if self._last is not None and _same_tensor(self._last[0], x):
-            gram = self._last[1]
-        else:
-            gram = x.T @ x
-            self._last = (x, gram)
-        self.hessians[name].add_gram(gram, x.shape[0])
-
-
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
-
-
 @dataclass(frozen=True)
 class GPTQ(QuantStep):
     name: ClassVar[str] = "gptq"
@@ -247,14 +226,14 @@ def gptq_model(model: nn.Module, calibration: Any, schemes: dict[str, QuantSchem
     runner = BlockRunner(model, calibration, batch_size=batch_size)
     for i, block in enumerate(tqdm(model.layers, desc="gptq", unit="block", file=sys.stderr)):
         layers = {name: m for name, m in linear_layers(block).items() if id(m) in targets}
-        inputs = BlockInputs(layers)
-        with capture_inputs(layers, inputs.observe):
+        hessians = {name: InputHessian(m.in_features) for name, m in layers.items()}
+        with capture_inputs(layers, SharedGram(hessians).observe):  # q/k/v and gate/up share one XᵀX
             runner.run(i)
         for name, module in layers.items():
             full_name = targets[id(module)]
-            packed = quantize(module, inputs.hessians[name].hessian(), schemes[full_name])
+            packed = quantize(module, hessians[name].hessian(), schemes[full_name])
             swap_in_quantized(model, full_name, module, packed)
-        del inputs  # a block's Hessians can be large; free them before the next block
+        del hessians  # a block's Hessians can be large; free them before the next block
         runner.advance(i)  # the next block sees the quantized block's outputs
 
     # The output matrix (the tied embedding, or a separate head) sees the final hidden states. A separate
