@@ -39,6 +39,7 @@ def plot(records: list[dict], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
     styles = {"edgelm": ("tab:blue", "o"), "llama.cpp": ("tab:orange", "s")}
@@ -56,6 +57,8 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     ax.set_xlabel("bits per weight (whole model, embedding included)")
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.0f"))
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()

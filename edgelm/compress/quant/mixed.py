@@ -31,8 +31,8 @@ from edgelm.compress.quant.source import SourceGrids
 from edgelm.compress.recipe import Step, target_modules
 from edgelm.errors import RecipeError
 
-DEFAULT_FORMATS = ((2, 32), (2, 64), (2, 128), (3, 32), (3, 64), (3, 128), (4, 32), (4, 64), (4, 128), (5, 64),
-                   (6, 64), (8, 64))
+DEFAULT_FORMATS = ((2, 32), (2, 64), (2, 128), (3, 32), (3, 64), (3, 128), (4, 32), (4, 64), (4, 128), (5, 32),
+                   (5, 64), (6, 32), (6, 64), (8, 32), (8, 64))
 
 
 @dataclass(frozen=True)
@@ -53,9 +53,9 @@ class MixedPrecision(Step):
     formats: tuple[str, ...] = ()  # "bits:group" choices, e.g. ("3:64", "4:64", "8:64"); empty = defaults
     method: str = "gptq"  # the quantizer that applies the chosen formats: "gptq" (data-aware) or "rtn"
     keep_source: bool = True  # also offer each tensor's grid from the source file (already quantized GGUFs)
-    # Row tiers of the token embedding, by importance on the calibration text: the top 4096 rows, the next
-    # up to 16384, ... each tier gets its own format. Empty: the embedding is one tensor.
-    embedding_tiers: tuple[int, ...] = (4096, 16384, 65536)
+    # Row tiers of the token embedding, by importance on the calibration text: the top 1024 rows, the next
+    # up to 4096, ... each tier gets its own format. Empty: the embedding is one tensor.
+    embedding_tiers: tuple[int, ...] = (1024, 4096, 16384, 32768, 65536, 131072)
     ignore: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
