@@ -1,0 +1,148 @@
+"""edgelm's compiled CPU kernels (fused dequantize-and-dot over packed low-bit weights), through ctypes.
+
+The shared object is built by the package's install (setup.py) with the machine's C compiler and picks
+its SIMD path at run time (AVX-512 VNNI, else portable C). When it was not built, `available()` is False
+and the model runs on its PyTorch path; nothing else changes. EDGELM_KERNELS=0 turns the kernels off,
+EDGELM_KERNELS_GENERIC=1 keeps them on the portable path.
+
+    from edgelm.kernels import KernelMatrix, available
+    km = KernelMatrix.from_packed(packed_weight)   # one-time repack into the plane layout
+    y = km.matvec(x)                               # x [T, cols] float32 -> [T, rows]
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+
+import torch
+
+from edgelm.kernels.layout import CHUNK, to_planes
+
+LEVELS = {0: "generic C", 2: "AVX-512 VNNI"}
+
+
+class _Matrix(ctypes.Structure):
+    _fields_ = [("rows", ctypes.c_int32), ("cols", ctypes.c_int32), ("bits", ctypes.c_int32),
+                ("group", ctypes.c_int32), ("q", ctypes.c_void_p), ("scales", ctypes.c_void_p),
+                ("zeros", ctypes.c_void_p)]
+
+
+@lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("EDGELM_KERNELS", "1") == "0":
+        return None
+    spec = importlib.util.find_spec("edgelm.kernels._native")
+    if spec is None or not spec.origin:
+        return None
+    lib = ctypes.CDLL(spec.origin)
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.ek_matvec.argtypes = [ctypes.POINTER(_Matrix), i64, p, p, p, p, i64, p]
+    lib.ek_matvec.restype = ctypes.c_int
+    lib.ek_quantize_act.argtypes = [p, i64, p, p, p]
+    lib.ek_quantize_act.restype = None
+    lib.ek_set_threads.argtypes = [ctypes.c_int]
+    lib.ek_set_threads.restype = ctypes.c_int
+    lib.ek_get_threads.restype = ctypes.c_int
+    lib.ek_cpu_level.restype = ctypes.c_int
+    lib.ek_limit_cpu_level.argtypes = [ctypes.c_int]
+    lib.ek_limit_cpu_level.restype = ctypes.c_int
+    if os.environ.get("EDGELM_KERNELS_GENERIC") == "1":
+        lib.ek_limit_cpu_level(0)
+    lib.ek_set_threads(torch.get_num_threads())
+    return lib
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def cpu_path() -> str:
+    """Which SIMD path the kernels use on this CPU ("unavailable" when they were not built)."""
+    lib = _library()
+    return "unavailable" if lib is None else LEVELS.get(lib.ek_cpu_level(), "generic C")
+
+
+@contextmanager
+def generic_path() -> Iterator[None]:
+    """Run the kernels on their portable C path inside the block (to compare it with the SIMD one)."""
+    lib = _library()
+    lib.ek_limit_cpu_level(0)
+    try:
+        yield
+    finally:
+        lib.ek_limit_cpu_level(99 if os.environ.get("EDGELM_KERNELS_GENERIC") != "1" else 0)
+
+
+def set_threads(n: int) -> int:
+    """Threads the kernels split a matrix across (the calling thread included); returns the number in effect."""
+    lib = _library()
+    return 1 if lib is None else lib.ek_set_threads(n)
+
+
+def threads() -> int:
+    lib = _library()
+    return 1 if lib is None else lib.ek_get_threads()
+
+
+def supports(scheme, in_features: int, zero_dtype: torch.dtype = torch.uint8) -> bool:
+    """Whether a packed weight of this format can run on the kernels."""
+    group = scheme.group_size or in_features
+    return (available() and in_features % CHUNK == 0 and group % 32 == 0 and in_features % group == 0
+            and 1 <= scheme.bits <= 8 and not scheme.symmetric and zero_dtype == torch.uint8)
+
+
+class QuantizedActivations:
+    """x [T, cols] float32 quantized to int8 in blocks of 32, ready for any matrix with `cols` columns."""
+
+    def __init__(self, x: torch.Tensor):
+        lib = _library()
+        x = x.detach().to(torch.float32).contiguous()
+        self.n_tokens, self.cols = x.shape
+        self.xq = torch.empty(x.shape, dtype=torch.int8)
+        self.dx = torch.empty(self.n_tokens, self.cols // 32)
+        self.bsum = torch.empty(self.n_tokens, self.cols // 32)
+        lib.ek_quantize_act(x.data_ptr(), x.numel(), self.xq.data_ptr(), self.dx.data_ptr(), self.bsum.data_ptr())
+
+
+class KernelMatrix:
+    """A weight in the kernels' plane layout (codes, fp16 scales, uint8 zeros), row order preserved."""
+
+    def __init__(self, planes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group: int,
+                 cols: int):
+        self.planes, self.scales, self.zeros = planes.contiguous(), scales.contiguous(), zeros.contiguous()
+        self.rows, self.cols, self.bits, self.group = planes.shape[0], cols, bits, group
+        self._struct = _Matrix(self.rows, cols, bits, group, self.planes.data_ptr(), self.scales.data_ptr(),
+                               self.zeros.data_ptr())
+
+    @classmethod
+    def from_packed(cls, weight) -> KernelMatrix:
+        """From a PackedWeight (edgelm.compress.quant.modules); check `supports` first."""
+        scheme = weight.scheme
+        group = scheme.group_size or weight.in_features
+        return cls(to_planes(weight.codes(), scheme.bits), weight.scales.to(torch.float16),
+                   weight.zeros.to(torch.uint8), scheme.bits, group, weight.in_features)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.planes, self.scales, self.zeros))
+
+    def matvec(self, x: torch.Tensor | QuantizedActivations, out: torch.Tensor | None = None,
+               out_index: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, cols] -> [T, rows]; with out_index (int32 [rows]) row r lands in column out_index[r] of out."""
+        qa = x if isinstance(x, QuantizedActivations) else QuantizedActivations(x)
+        if qa.cols != self.cols:
+            raise ValueError(f"activations have {qa.cols} columns, the matrix {self.cols}")
+        if out is None:
+            out = torch.empty(qa.n_tokens, self.rows)
+        status = _library().ek_matvec(ctypes.byref(self._struct), qa.n_tokens, qa.xq.data_ptr(), qa.dx.data_ptr(),
+                                      qa.bsum.data_ptr(), out.data_ptr(), out.stride(0),
+                                      None if out_index is None else out_index.data_ptr())
+        if status:
+            raise RuntimeError(f"edgelm kernel rejected a {self.rows}x{self.cols} {self.bits}-bit matrix "
+                               f"(group {self.group}): status {status}")
+        return out

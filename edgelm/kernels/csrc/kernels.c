@@ -1,0 +1,477 @@
+/* edgelm's CPU kernels: fused dequantize-and-dot over packed low-bit weights.
+ *
+ * Weights are in the "plane" layout (edgelm/kernels/layout.py): each row is cut into chunks of 64 codes and
+ * each chunk stores its b-bit codes as bit planes of 4, 2 and 1 bits (b = 4+2+1 at most, 8 = raw bytes):
+ *   nibble plane (32 B): byte j = code j (low nibble) | code j+32 (high nibble)
+ *   crumb plane  (16 B): byte j = codes j, j+16, j+32, j+48 at bits 0, 2, 4, 6
+ *   bit plane     (8 B): bit i of a little-endian uint64 = code i
+ * so that a whole chunk decodes to 64 unsigned bytes with a few shifts and masks in registers. Every group
+ * of `group` codes (a multiple of 32) has an fp16 scale s and a uint8 zero point z: w = s * (code - z).
+ *
+ * Activations are quantized on the fly to int8 in blocks of 32 (scale dx per block, as llama.cpp's Q8_0),
+ * and y_r = sum_g s_g * (sum_b dx_b * <codes, xq>_b - z_g * sum_{j in g} x_j). The integer dot products
+ * use AVX-512 VNNI (vpdpbusd: u8 x s8) where the CPU has it, else a portable C loop; the choice is made
+ * at run time, so one build serves every x86-64 machine (and the generic loop any other CPU).
+ *
+ * Threads: a small persistent pool (workers spin briefly, then sleep), so a 262k-row matrix-vector product
+ * is split across cores without paying a thread start per call.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define EK_X86 1
+#include <immintrin.h>
+#endif
+
+#define EK_EXPORT __attribute__((visibility("default")))
+
+typedef struct {
+    int32_t rows, cols, bits, group;
+    const uint8_t *q;        /* [rows][cols * bits / 8] in the plane layout */
+    const uint16_t *scales;  /* [rows][cols / group] fp16 */
+    const uint8_t *zeros;    /* [rows][cols / group] */
+} ek_matrix;
+
+/* ----------------------------------------------------------------------------------------------------- */
+/* fp16 <-> fp32 without relying on hardware conversion (the generic path)                                */
+
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal */
+            float f = ldexpf((float)man, -24);
+            return sign ? -f : f;
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7F800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* ----------------------------------------------------------------------------------------------------- */
+/* thread pool                                                                                             */
+
+typedef void (*ek_task)(void *ctx, int64_t begin, int64_t end);
+
+#define EK_MAX_THREADS 64
+static struct {
+    int n_threads;           /* including the calling thread */
+    pthread_t workers[EK_MAX_THREADS];
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    atomic_int generation;   /* bumped once per parallel job */
+    atomic_int sleeping;
+    atomic_int busy;         /* workers still inside the current job */
+    atomic_llong next;       /* next unclaimed item */
+    int64_t total, grain;
+    ek_task fn;
+    void *ctx;
+    int started;
+} pool = {.n_threads = 1, .lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
+
+static void run_items(void) {
+    for (;;) {
+        int64_t begin = atomic_fetch_add(&pool.next, pool.grain);
+        if (begin >= pool.total) break;
+        int64_t end = begin + pool.grain < pool.total ? begin + pool.grain : pool.total;
+        pool.fn(pool.ctx, begin, end);
+    }
+}
+
+static inline void cpu_relax(void) {
+#ifdef EK_X86
+    _mm_pause();
+#endif
+}
+
+static void *worker_main(void *arg) {
+    (void)arg;
+    int seen = atomic_load(&pool.generation);
+    for (;;) {
+        /* Spin a little (the next matrix of a decode step comes within microseconds), then sleep. */
+        int spins = 0;
+        while (atomic_load_explicit(&pool.generation, memory_order_acquire) == seen && spins < 200000) {
+            cpu_relax();
+            spins++;
+        }
+        if (atomic_load(&pool.generation) == seen) {
+            pthread_mutex_lock(&pool.lock);
+            atomic_fetch_add(&pool.sleeping, 1);
+            while (atomic_load(&pool.generation) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+            atomic_fetch_sub(&pool.sleeping, 1);
+            pthread_mutex_unlock(&pool.lock);
+        }
+        seen = atomic_load(&pool.generation);
+        run_items();
+        atomic_fetch_sub_explicit(&pool.busy, 1, memory_order_release);
+    }
+    return NULL;
+}
+
+EK_EXPORT int ek_set_threads(int n) {
+    if (n < 1) n = 1;
+    if (n > EK_MAX_THREADS) n = EK_MAX_THREADS;
+    /* Workers are started once and kept; asking for fewer later just leaves some idle (asleep). */
+    while (pool.started < n - 1) {
+        if (pthread_create(&pool.workers[pool.started], NULL, worker_main, NULL) != 0) break;
+        pthread_detach(pool.workers[pool.started]);
+        pool.started++;
+    }
+    pool.n_threads = n <= pool.started + 1 ? n : pool.started + 1;
+    return pool.n_threads;
+}
+
+EK_EXPORT int ek_get_threads(void) { return pool.n_threads; }
+
+/* Run fn over [0, total) in pieces of `grain` items on all threads; returns when every piece is done. */
+static void parallel_for(int64_t total, int64_t grain, ek_task fn, void *ctx) {
+    if (pool.n_threads <= 1 || total <= grain) {
+        fn(ctx, 0, total);
+        return;
+    }
+    pool.fn = fn;
+    pool.ctx = ctx;
+    pool.total = total;
+    pool.grain = grain;
+    atomic_store(&pool.next, 0);
+    /* Only the first n_threads - 1 workers join; extra started workers see the job and find it drained. */
+    atomic_store(&pool.busy, pool.started);
+    pthread_mutex_lock(&pool.lock);
+    atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
+    if (atomic_load(&pool.sleeping)) pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.lock);
+    run_items();
+    while (atomic_load_explicit(&pool.busy, memory_order_acquire) > 0) cpu_relax();
+}
+
+/* ----------------------------------------------------------------------------------------------------- */
+/* CPU dispatch                                                                                            */
+
+enum { EK_GENERIC = 0, EK_AVX512_VNNI = 2 };
+
+static int cpu_level = -1;
+
+EK_EXPORT int ek_cpu_level(void) {
+    if (cpu_level < 0) {
+        cpu_level = EK_GENERIC;
+#ifdef EK_X86
+        __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+            cpu_level = EK_AVX512_VNNI;
+#endif
+    }
+    return cpu_level;
+}
+
+/* Use at most this level (0: the generic C path), e.g. to compare paths; returns the level in effect. */
+EK_EXPORT int ek_limit_cpu_level(int level) {
+    cpu_level = -1;
+    int best = ek_cpu_level();
+    cpu_level = level < best ? level : best;
+    return cpu_level;
+}
+
+/* ----------------------------------------------------------------------------------------------------- */
+/* activation quantization                                                                                 */
+
+/* x[n] (n a multiple of 32) -> xq[n] int8, dx[n/32] scales, bsum[n/32] = dx * sum(xq) per block: the sum
+ * of the *quantized* block, so that the zero-point term and the dot product see the same activations. */
+EK_EXPORT void ek_quantize_act(const float *x, int64_t n, int8_t *xq, float *dx, float *bsum) {
+    for (int64_t b = 0; b < n / 32; b++) {
+        const float *xb = x + b * 32;
+        float amax = 0.f;
+        for (int j = 0; j < 32; j++) {
+            float a = fabsf(xb[j]);
+            amax = a > amax ? a : amax;
+        }
+        float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+        int32_t sum = 0;
+        for (int j = 0; j < 32; j++) {
+            int8_t v = (int8_t)lrintf(xb[j] * inv);
+            xq[b * 32 + j] = v;
+            sum += v;
+        }
+        dx[b] = d;
+        bsum[b] = d * (float)sum;
+    }
+}
+
+/* ----------------------------------------------------------------------------------------------------- */
+/* generic path                                                                                            */
+
+static void decode_chunk_generic(const uint8_t *p, int bits, uint8_t *codes) {
+    if (bits == 8) {
+        memcpy(codes, p, 64);
+        return;
+    }
+    memset(codes, 0, 64);
+    int shift = 0;
+    if (bits & 4) {
+        for (int j = 0; j < 32; j++) {
+            codes[j] = p[j] & 15;
+            codes[j + 32] = p[j] >> 4;
+        }
+        p += 32;
+        shift = 4;
+    }
+    if (bits & 2) {
+        for (int j = 0; j < 16; j++)
+            for (int k = 0; k < 4; k++) codes[j + 16 * k] |= ((p[j] >> (2 * k)) & 3) << shift;
+        p += 16;
+        shift += 2;
+    }
+    if (bits & 1) {
+        for (int i = 0; i < 64; i++) codes[i] |= ((p[i >> 3] >> (i & 7)) & 1) << shift;
+    }
+}
+
+typedef struct {
+    const ek_matrix *m;
+    const int8_t *xq;     /* [T][cols] */
+    const float *dx;      /* [T][cols/32] */
+    const float *bsum;    /* [T][cols/32] */
+    float *y;             /* [T][out_stride] */
+    const int32_t *out_index;  /* row r of m -> output column (NULL: r) */
+    int64_t n_tokens, out_stride;
+} matvec_job;
+
+static void matvec_rows_generic(void *ctx, int64_t begin, int64_t end) {
+    const matvec_job *job = ctx;
+    const ek_matrix *m = job->m;
+    const int64_t cols = m->cols, n_chunks = cols / 64, n_groups = cols / m->group, row_bytes = cols * m->bits / 8;
+    const int64_t n_blocks = cols / 32, blocks_per_group = m->group / 32;
+    uint8_t codes[64];
+    for (int64_t r = begin; r < end; r++) {
+        const uint8_t *q = m->q + r * row_bytes;
+        const uint16_t *sc = m->scales + r * n_groups;
+        const uint8_t *zr = m->zeros + r * n_groups;
+        int64_t out = job->out_index ? job->out_index[r] : r;
+        for (int64_t t = 0; t < job->n_tokens; t++) {
+            const int8_t *xq = job->xq + t * cols;
+            const float *dx = job->dx + t * n_blocks, *bs = job->bsum + t * n_blocks;
+            float acc = 0.f;
+            for (int64_t c = 0; c < n_chunks; c++) {
+                decode_chunk_generic(q + c * m->bits * 8, m->bits, codes);
+                for (int half = 0; half < 2; half++) {
+                    int64_t b = 2 * c + half;
+                    int32_t dot = 0;
+                    for (int j = 0; j < 32; j++) dot += (int32_t)codes[half * 32 + j] * xq[b * 32 + j];
+                    acc += half_to_float(sc[b / blocks_per_group]) * dx[b] * (float)dot;
+                }
+            }
+            for (int64_t g = 0; g < n_groups; g++) {
+                float gsum = 0.f;
+                for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; b++) gsum += bs[b];
+                acc -= half_to_float(sc[g]) * (float)zr[g] * gsum;
+            }
+            job->y[t * job->out_stride + out] = acc;
+        }
+    }
+}
+
+/* ----------------------------------------------------------------------------------------------------- */
+/* AVX-512 VNNI path                                                                                       */
+
+#ifdef EK_X86
+#define EK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
+
+EK_AVX512 static inline __m512i nibbles(const uint8_t *p) {
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+EK_AVX512 static inline __m512i crumbs(const uint8_t *p) {
+    /* 128-bit lane k holds codes 16k..16k+15: the 16 bytes shifted right by 2k. */
+    __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)p));
+    const __m512i shifts = _mm512_set_epi64(6 * 0x0001000100010001LL, 6 * 0x0001000100010001LL,
+                                            4 * 0x0001000100010001LL, 4 * 0x0001000100010001LL,
+                                            2 * 0x0001000100010001LL, 2 * 0x0001000100010001LL, 0, 0);
+    return _mm512_and_si512(_mm512_srlv_epi16(v, shifts), _mm512_set1_epi8(3));
+}
+
+EK_AVX512 static inline __m512i bitplane(const uint8_t *p, int value) {
+    uint64_t m;
+    memcpy(&m, p, 8);
+    return _mm512_maskz_mov_epi8((__mmask64)m, _mm512_set1_epi8((char)value));
+}
+
+/* 64 codes of one chunk as unsigned bytes; `bits` is a compile-time constant at every call site. */
+EK_AVX512 static inline __m512i decode_chunk(const uint8_t *p, const int bits) {
+    switch (bits) {
+    case 8: return _mm512_loadu_si512((const void *)p);
+    case 4: return nibbles(p);
+    case 2: return crumbs(p);
+    case 1: return bitplane(p, 1);
+    case 3: return _mm512_or_si512(crumbs(p), bitplane(p + 16, 4));
+    case 5: return _mm512_or_si512(nibbles(p), bitplane(p + 32, 16));
+    case 6: return _mm512_or_si512(nibbles(p), _mm512_slli_epi16(crumbs(p + 32), 4));
+    default: /* 7 */
+        return _mm512_or_si512(_mm512_or_si512(nibbles(p), _mm512_slli_epi16(crumbs(p + 32), 4)),
+                               bitplane(p + 48, 64));
+    }
+}
+
+typedef struct {
+    matvec_job base;
+    const int8_t *nxq;  /* [T][cols]: -xq, so that one more vpdpbusd subtracts z * sum(xq) */
+    const float *dxv;   /* [T][n_chunks][16]: activation scales of a chunk's two blocks, lanes 0-7 and 8-15 */
+} avx512_job;
+
+/* Scales of a 32-wide-group row for chunk c (groups 2c and 2c + 1), from the 16 converted scales of chunks
+ * 8k .. 8k + 7. */
+EK_AVX512 static inline __m512 pair_scales(__m512 scales16, int64_t c) {
+    const int j = (int)(c & 7);
+    __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(2 * j)), _mm256_set1_epi32(2 * j + 1), 1);
+    return _mm512_permutexvar_ps(idx, scales16);
+}
+
+EK_AVX512 static inline __m512 load_scales16(const uint16_t *sc, int64_t first, int64_t n_groups) {
+    int64_t left = n_groups - first;
+    __mmask16 k = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, sc + first));
+}
+
+/* Per lane: the integer dot of the chunk's codes with xq, minus the zero point times the lane's xq sum:
+ * sum (code - z) * xq, i.e. the affine grid applied exactly in integers. */
+#define EK_CHUNK_INT(codes, c, zbytes)                                                                       \
+    _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), codes,                                   \
+                                            _mm512_loadu_si512((const void *)(xq + (c) * 64))),              \
+                        zbytes, _mm512_loadu_si512((const void *)(nxq + (c) * 64)))
+
+/* Group scale (per lane) x the activation blocks' dx, and the zero points as bytes, of chunk c. */
+#define EK_CHUNK_PARAMS(c, sv, zb)                                                                           \
+    do {                                                                                                     \
+        if (m->group == 32) {                                                                                \
+            if (((c) & 7) == 0) s16 = load_scales16(sc, 2 * (c), n_groups);                                  \
+            sv = _mm512_mul_ps(_mm512_load_ps(dxv + (c) * 16), pair_scales(s16, c));                         \
+            zb = _mm512_mask_blend_epi8((__mmask64)0xFFFFFFFF00000000ULL, _mm512_set1_epi8((char)zr[2 * (c)]), \
+                                        _mm512_set1_epi8((char)zr[2 * (c) + 1]));                             \
+        } else {                                                                                             \
+            const int64_t g_ = (c) >> chunk_shift;                                                           \
+            sv = _mm512_mul_ps(_mm512_load_ps(dxv + (c) * 16), _mm512_set1_ps(_cvtsh_ss(sc[g_])));           \
+            zb = _mm512_set1_epi8((char)zr[g_]);                                                             \
+        }                                                                                                    \
+    } while (0)
+
+/* One row against one token: codes come from `codes_at(c)` (decoded in place or from a buffer). Two
+ * accumulators, so consecutive chunks' fused multiply-adds do not wait on each other. */
+#define EK_ROW_DOT(codes_at, result)                                                                         \
+    do {                                                                                                     \
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), s16 = _mm512_setzero_ps();           \
+        __m512 sv0, sv1;                                                                                     \
+        __m512i zb0, zb1;                                                                                    \
+        int64_t c = 0;                                                                                       \
+        for (; c + 1 < n_chunks; c += 2) {                                                                   \
+            EK_CHUNK_PARAMS(c, sv0, zb0);                                                                    \
+            EK_CHUNK_PARAMS(c + 1, sv1, zb1);                                                                \
+            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(EK_CHUNK_INT(codes_at(c), c, zb0)), sv0, acc0);        \
+            acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(EK_CHUNK_INT(codes_at(c + 1), c + 1, zb1)), sv1, acc1); \
+        }                                                                                                    \
+        if (c < n_chunks) {                                                                                  \
+            EK_CHUNK_PARAMS(c, sv0, zb0);                                                                    \
+            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(EK_CHUNK_INT(codes_at(c), c, zb0)), sv0, acc0);        \
+        }                                                                                                    \
+        result = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));                                            \
+    } while (0)
+
+#define EK_ROW_KERNEL(BITS)                                                                                  \
+    EK_AVX512 static void matvec_rows_avx512_##BITS(void *ctx, int64_t begin, int64_t end) {                  \
+        const avx512_job *job = ctx;                                                                         \
+        const ek_matrix *m = job->base.m;                                                                    \
+        const int64_t cols = m->cols, n_chunks = cols / 64, n_groups = cols / m->group;                      \
+        const int64_t row_bytes = cols * BITS / 8;                                                           \
+        const int64_t T = job->base.n_tokens;                                                                \
+        const int kbits = BITS;                                                                              \
+        const int chunk_shift = m->group <= 64 ? 0 : __builtin_ctz((unsigned)m->group / 64); /* chunk->group */\
+        __m512i buffer[T > 1 ? n_chunks : 1];                                                                \
+        for (int64_t r = begin; r < end; r++) {                                                              \
+            const uint8_t *q = m->q + r * row_bytes;                                                         \
+            const uint16_t *sc = m->scales + r * n_groups;                                                   \
+            const uint8_t *zr = m->zeros + r * n_groups;                                                     \
+            const int64_t out = job->base.out_index ? job->base.out_index[r] : r;                            \
+            float *y = job->base.y + out;                                                                    \
+            if (T == 1) {                                                                                    \
+                const int8_t *xq = job->base.xq, *nxq = job->nxq;                                            \
+                const float *dxv = job->dxv;                                                                 \
+                for (int64_t off = 0; off < row_bytes; off += 64)                                            \
+                    _mm_prefetch((const char *)(q + row_bytes + off), _MM_HINT_T0);                          \
+                EK_ROW_DOT(EK_DECODE_AT, *y);                                                                \
+            } else {                                                                                         \
+                for (int64_t c = 0; c < n_chunks; c++) buffer[c] = decode_chunk(q + c * BITS * 8, BITS);     \
+                for (int64_t t = 0; t < T; t++) {                                                            \
+                    const int8_t *xq = job->base.xq + t * cols, *nxq = job->nxq + t * cols;                  \
+                    const float *dxv = job->dxv + t * n_chunks * 16;                                         \
+                    EK_ROW_DOT(EK_BUFFER_AT, y[t * job->base.out_stride]);                                   \
+                }                                                                                            \
+            }                                                                                                \
+        }                                                                                                    \
+    }
+#define EK_DECODE_AT(c) decode_chunk(q + (c) * kbits * 8, kbits)
+#define EK_BUFFER_AT(c) buffer[c]
+
+EK_ROW_KERNEL(1)
+EK_ROW_KERNEL(2)
+EK_ROW_KERNEL(3)
+EK_ROW_KERNEL(4)
+EK_ROW_KERNEL(5)
+EK_ROW_KERNEL(6)
+EK_ROW_KERNEL(7)
+EK_ROW_KERNEL(8)
+
+static const ek_task avx512_kernels[9] = {NULL, matvec_rows_avx512_1, matvec_rows_avx512_2, matvec_rows_avx512_3,
+                                          matvec_rows_avx512_4, matvec_rows_avx512_5, matvec_rows_avx512_6,
+                                          matvec_rows_avx512_7, matvec_rows_avx512_8};
+#endif
+
+/* ----------------------------------------------------------------------------------------------------- */
+/* entry point                                                                                             */
+
+/* y[t][out_index[r]] = (W x_t)[r] for T activation vectors already quantized by ek_quantize_act.
+ * Returns 0, or -1 when the matrix is not in a supported shape (cols % 64, group % 32, bits 1..8). */
+EK_EXPORT int ek_matvec(const ek_matrix *m, int64_t n_tokens, const int8_t *xq, const float *dx,
+                        const float *bsum, float *y, int64_t out_stride, const int32_t *out_index) {
+    if (m->cols % 64 || m->group % 32 || m->cols % m->group || m->bits < 1 || m->bits > 8) return -1;
+    matvec_job job = {m, xq, dx, bsum, y, out_index, n_tokens, out_stride};
+    int64_t grain = m->rows / (8 * (int64_t)pool.n_threads);
+    grain = grain < 16 ? 16 : grain > 1024 ? 1024 : grain;
+#ifdef EK_X86
+    /* The SIMD path needs groups of 32 or 64 x 2^k codes (a chunk -> group map by shifting). */
+    if (ek_cpu_level() >= EK_AVX512_VNNI && (m->group == 32 || (m->group % 64 == 0 && !((m->group / 64) & (m->group / 64 - 1))))) {
+        const int64_t n_blocks = m->cols / 32, n_chunks = m->cols / 64;
+        /* Plain floats: an __m512 cannot cross from this (baseline ISA) function into the AVX-512 ones. */
+        float *dxv = aligned_alloc(64, sizeof(float) * 16 * (size_t)(n_tokens * n_chunks));
+        int8_t *nxq = malloc((size_t)(n_tokens * m->cols));
+        if (!dxv || !nxq) {
+            free(dxv);
+            free(nxq);
+            return -2;
+        }
+        for (int64_t i = 0; i < n_tokens * m->cols; i++) nxq[i] = (int8_t)-xq[i];
+        for (int64_t t = 0; t < n_tokens; t++)
+            for (int64_t c = 0; c < n_chunks; c++)
+                for (int lane = 0; lane < 16; lane++)
+                    dxv[(t * n_chunks + c) * 16 + lane] = dx[t * n_blocks + 2 * c + (lane >= 8)];
+        avx512_job ajob = {job, nxq, dxv};
+        parallel_for(m->rows, grain, avx512_kernels[m->bits], &ajob);
+        free(dxv);
+        free(nxq);
+        return 0;
+    }
+#endif
+    parallel_for(m->rows, grain, matvec_rows_generic, &job);
+    return 0;
+}

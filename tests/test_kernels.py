@@ -1,0 +1,106 @@
+"""The compiled CPU kernels: plane layout, fused dequantize-and-dot on every bit width and group size,
+SIMD and portable paths, threads, scattered outputs."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from edgelm import kernels
+from edgelm.compress.quant.modules import PackedWeight
+from edgelm.compress.quant.primitives import QuantScheme, compute_params, quantize
+from edgelm.kernels import KernelMatrix, QuantizedActivations
+from edgelm.kernels.layout import from_planes, planes, to_planes
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="kernels not built (no C compiler)")
+
+
+def packed(rows: int, cols: int, bits: int, group: int, seed: int = 0) -> PackedWeight:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    scheme = QuantScheme(bits, group)
+    scale, zero = compute_params(w, scheme)
+    return PackedWeight.from_codes(quantize(w, scale, zero, scheme), scale, zero, scheme)
+
+
+def reference(weight: PackedWeight, qa: QuantizedActivations) -> torch.Tensor:
+    """What the kernel computes: the dequantized weight times the dequantized int8 activations."""
+    x = (qa.xq.float().view(qa.n_tokens, -1, 32) * qa.dx[..., None]).view(qa.n_tokens, -1)
+    return x.double() @ weight.dequantize().double().T
+
+
+def test_kernels_are_built_where_a_compiler_exists():
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert kernels.available(), "setup.py should have built edgelm.kernels._native with this machine's compiler"
+    assert kernels.cpu_path() in ("AVX-512 VNNI", "generic C", "unavailable")
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_plane_layout_round_trips_and_costs_exactly_b_bits(bits):
+    codes = torch.randint(0, 1 << bits, (5, 192), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
+    data = to_planes(codes, bits)
+    assert data.shape == (5, 192 * bits // 8)
+    assert sum(planes(bits)) == bits
+    assert torch.equal(from_planes(data, bits, 192), codes)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+def test_matvec_matches_dequantized_reference(bits, group):
+    weight = packed(70, 512, bits, group, seed=bits * 1000 + group)
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(1))
+    qa = QuantizedActivations(x)
+    km = KernelMatrix.from_packed(weight)
+    assert km.nbytes == weight.storage_bytes
+    expected = reference(weight, qa)
+    for n_tokens in (1, 3):  # one token streams the codes; several decode each row once
+        part = QuantizedActivations(x[:n_tokens])
+        got = km.matvec(part).double()
+        scale = expected[:n_tokens].abs().max()
+        assert (got - expected[:n_tokens]).abs().max() / scale < 1e-5, (bits, group, n_tokens)
+    # and the int8 activations cost little against the float product
+    exact = x.double() @ weight.dequantize().double().T
+    assert (km.matvec(qa).double() - exact).norm() / exact.norm() < 0.02
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits,group", [(4, 32), (3, 128), (8, 64)])
+def test_portable_path_agrees_with_simd_path(bits, group):
+    weight = packed(33, 640, bits, group)
+    km = KernelMatrix.from_packed(weight)
+    qa = QuantizedActivations(torch.randn(2, 640, generator=torch.Generator().manual_seed(2)))
+    fast = km.matvec(qa)
+    with kernels.generic_path():
+        portable = km.matvec(qa)
+    assert torch.allclose(fast, portable, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_threads_do_not_change_the_result_and_outputs_can_be_scattered():
+    weight = packed(4099, 128, 4, 64)  # an odd row count: uneven pieces across threads
+    km = KernelMatrix.from_packed(weight)
+    qa = QuantizedActivations(torch.randn(1, 128, generator=torch.Generator().manual_seed(3)))
+    previous = kernels.threads()
+    kernels.set_threads(1)
+    try:
+        one = km.matvec(qa)
+        kernels.set_threads(2)
+        two = km.matvec(qa)
+    finally:
+        kernels.set_threads(previous)
+    assert torch.equal(one, two)
+    where = torch.randperm(8000, generator=torch.Generator().manual_seed(4))[:4099].to(torch.int32)
+    out = torch.full((1, 8000), float("nan"))
+    km.matvec(qa, out=out, out_index=where)
+    assert torch.equal(out[0, where.long()], one[0])
+    assert torch.isnan(out).sum() == 8000 - 4099
+
+
+@needs_kernels
+def test_mismatched_activations_are_refused():
+    km = KernelMatrix.from_packed(packed(8, 128, 4, 64))
+    with pytest.raises(ValueError, match="128"):
+        km.matvec(torch.randn(1, 64))
