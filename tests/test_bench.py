@@ -190,3 +190,23 @@ def test_cli_json_against_llama_cpp_on_gemma():
         assert data["ratios"][m.key] == pytest.approx(ours / theirs)
     # llama.cpp computes with the quantized tensors, edgelm (for now) with float32 copies of them.
     assert summaries[EDGELM]["model_mib"]["median"] > 3 * summaries[LLAMA_CPP]["model_mib"]["median"]
+
+
+@pytest.mark.llama_cpp
+def test_model_directory_against_its_source_gguf(tmp_path):
+    """A compressed model directory is benchmarked as itself; llama.cpp runs the GGUF it was made from."""
+    pytest.importorskip("llama_cpp")
+    tiny_gguf = pytest.importorskip("tests.tiny_gguf")
+    path = tiny_gguf.write_tiny_model(tmp_path / "tiny.gguf", tiny_gguf.TinyConfig(arch="qwen2", dim=128,
+                                                                                   hidden_dim=256))
+    out = tmp_path / "q4"
+    assert main(["quantize", "-m", str(path), "--bits", "4", "-o", str(out)]) == 0
+    report = run_benchmark(str(out), prompt_tokens=16, gen_tokens=4, threads=1, reps=1, vs_llama_cpp=True,
+                           progress=False)
+    data = report.to_dict()
+    ours, theirs = (data["engines"][e]["runs"][0] for e in (EDGELM, LLAMA_CPP))
+    assert_positive_numbers(ours)
+    assert ours["model_bytes"] < 0.5 * theirs["model_bytes"]  # 4-bit codes against the float32 file
+    path.unlink()  # the source moved away: say how to name the GGUF to compare with
+    with pytest.raises(BenchmarkError, match="--llama-cpp-model"):
+        run_benchmark(str(out), prompt_tokens=16, gen_tokens=4, reps=1, vs_llama_cpp=True, progress=False)

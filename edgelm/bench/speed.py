@@ -183,8 +183,10 @@ class BenchReport:
 
 
 def run_benchmark(model: str, prompt_tokens: int = 512, gen_tokens: int = 128, threads: int | None = None,
-                  reps: int = 3, vs_llama_cpp: bool = False, progress: bool = True) -> BenchReport:
-    """Benchmark a registry model or GGUF path; with vs_llama_cpp, alternate with llama.cpp per rep."""
+                  reps: int = 3, vs_llama_cpp: bool = False, progress: bool = True,
+                  llama_cpp_model: str | None = None) -> BenchReport:
+    """Benchmark a registry model, GGUF path or edgelm model directory; with vs_llama_cpp, alternate with
+    llama.cpp per rep — on the same GGUF, or for a directory on `llama_cpp_model` (default: its source)."""
     counts = {"-p/--prompt-tokens": prompt_tokens, "-n/--gen-tokens": gen_tokens, "--reps": reps}
     if threads is not None:
         counts["--threads"] = threads
@@ -193,20 +195,25 @@ def run_benchmark(model: str, prompt_tokens: int = 512, gen_tokens: int = 128, t
             raise BenchmarkError(f"{name} must be >= 1, got {value}")
     if vs_llama_cpp:
         require_llama_cpp()
-    from edgelm.io.gguf import GGUFFile
     from edgelm.registry import resolve
 
     path = resolve(model)
-    gguf = GGUFFile(path)
+    metadata, model_context, source = model_facts(path)
     context = max(prompt_tokens + gen_tokens, TTFT_PROMPT_TOKENS + 1)  # +1: the warm-up decode step
-    model_context = gguf.metadata.get(f"{gguf.architecture}.context_length", context)
     if context > model_context:
         raise BenchmarkError(f"-p {prompt_tokens} + -n {gen_tokens} exceeds the model's context of "
                              f"{model_context} tokens; lower -p or -n")
-    tokens = benchmark_prompt(gguf.metadata, max(prompt_tokens, TTFT_PROMPT_TOKENS))
+    llama_path = None
+    if vs_llama_cpp:
+        llama_path = resolve(llama_cpp_model) if llama_cpp_model else source
+        if llama_path is None or not Path(llama_path).is_file():
+            raise BenchmarkError(f"{path}: llama.cpp needs a GGUF to compare with and the directory's source "
+                                 f"model is not at hand ({source}); pass --llama-cpp-model FILE_OR_NAME")
+    tokens = benchmark_prompt(metadata, max(prompt_tokens, TTFT_PROMPT_TOKENS))
     threads = threads or default_threads()
     job = {"model_path": str(path), "prompt": tokens[:prompt_tokens], "ttft_prompt": tokens[:TTFT_PROMPT_TOKENS],
            "gen_tokens": gen_tokens, "threads": threads, "context": context}
+    model_paths = {EDGELM: str(path), LLAMA_CPP: str(llama_path)}
 
     display_name = Path(model).stem if Path(model).suffix == ".gguf" else model
     report = BenchReport(display_name, str(path), prompt_tokens, gen_tokens, threads, reps)
@@ -216,7 +223,7 @@ def run_benchmark(model: str, prompt_tokens: int = 512, gen_tokens: int = 128, t
             if progress:
                 print(f"bench: rep {rep}/{reps} {engine} ...", end="", file=sys.stderr, flush=True)
             try:
-                result = _run_worker({**job, "engine": engine}, rep)
+                result = _run_worker({**job, "engine": engine, "model_path": model_paths[engine]}, rep)
             except BenchmarkError:
                 if progress:
                     print(" failed", file=sys.stderr)
@@ -228,6 +235,21 @@ def run_benchmark(model: str, prompt_tokens: int = 512, gen_tokens: int = 128, t
                 print(f" prompt {values['prompt_tps']:.1f} tok/s, decode {values['decode_tps']:.2f} tok/s, "
                       f"load {run.load_s:.2f} s", file=sys.stderr, flush=True)
     return report
+
+
+def model_facts(path: Path) -> tuple[dict[str, Any], int, str | None]:
+    """(GGUF-style metadata with the tokenizer, context length, source GGUF) of a GGUF or model directory."""
+    if path.is_dir():
+        from edgelm.io.artifact import read_config, read_tokenizer_metadata
+
+        config = read_config(path)
+        source = config.get("source")
+        return read_tokenizer_metadata(path), int(config["model_args"]["max_context"]), source
+    from edgelm.io.gguf import GGUFFile
+
+    gguf = GGUFFile(path)
+    context = gguf.metadata.get(f"{gguf.architecture}.context_length", 1 << 30)
+    return gguf.metadata, int(context), str(path)
 
 
 def require_llama_cpp() -> None:
@@ -307,12 +329,13 @@ class _EdgelmRunner:
         return int(self.logits.argmax())
 
     def weight_bytes(self) -> tuple[int, int]:
-        total = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        embedding = self.model.tok_embeddings.weight
+        from edgelm.io.artifact import model_size
+
+        total = int(model_size(self.model)["bytes"])
+        embedding = self.model.tok_embeddings
+        embedding_bytes = sum(t.numel() * t.element_size() for t in embedding.state_dict().values())
         tied = self.model.output is None
-        per_token = bytes_read_per_token(total, embedding.numel() * embedding.element_size(),
-                                         embedding.shape[0], tied)
-        return total, per_token
+        return total, bytes_read_per_token(total, embedding_bytes, self.model.args.vocab_size, tied)
 
 
 class _LlamaCppRunner:

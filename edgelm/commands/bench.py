@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="repetitions, each in a fresh process per engine (default: 3)")
     parser.add_argument("--vs-llama-cpp", action="store_true",
                         help="also run llama.cpp (pip install 'edgelm[llama]') on the same file, alternating")
+    parser.add_argument("--llama-cpp-model", default=None, metavar="GGUF",
+                        help="the GGUF llama.cpp runs with --vs-llama-cpp (default: the same file, or for a "
+                             "model directory the GGUF it was made from)")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print every repetition and the summaries as JSON")
     output.add_argument("--brief", action="store_true", help="print a single summary line")
@@ -28,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from edgelm.bench.speed import run_benchmark
 
     report = run_benchmark(args.model, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
-                           threads=args.threads, reps=args.reps, vs_llama_cpp=args.vs_llama_cpp)
+                           threads=args.threads, reps=args.reps, vs_llama_cpp=args.vs_llama_cpp,
+                           llama_cpp_model=args.llama_cpp_model)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     elif args.brief:

@@ -131,6 +131,9 @@ class LoRCEmbedding(nn.Module):
         rows = self.quantized(ids)
         return rows + (self.U[ids.reshape(-1)].float() @ self.V.float()).reshape(rows.shape).to(rows.dtype)
 
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        return self.quantized.project(h) + F.linear(F.linear(h, self.V.to(h.dtype)), self.U.to(h.dtype))
+
     def extra_repr(self) -> str:
         return f"rank={self.rank}"
 

@@ -102,11 +102,15 @@ def load_artifact(path: str | os.PathLike[str]):
                                "directory") from None
     model.source = config.get("source")
     model.artifact_config = config
+    return model.eval(), Tokenizer.from_metadata(read_tokenizer_metadata(path), source=str(path))
+
+
+def read_tokenizer_metadata(path: Path) -> dict[str, Any]:
+    """The tokenizer.* GGUF metadata a model directory keeps (enough to rebuild its tokenizer)."""
     try:
-        metadata = json.loads((path / TOKENIZER).read_text())
+        return json.loads((Path(path) / TOKENIZER).read_text())
     except (OSError, ValueError) as exc:
         raise ModelFormatError(f"{path / TOKENIZER}: cannot read ({exc}); re-create the directory") from None
-    return model.eval(), Tokenizer.from_metadata(metadata, source=str(path))
 
 
 def module_layout(model: nn.Module) -> dict[str, dict[str, Any]]:

@@ -330,7 +330,12 @@ class Transformer(nn.Module):
         return self.logits(self.norm(h))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        out = F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
+        if self.output is not None:
+            out = self.output(h)
+        elif hasattr(self.tok_embeddings, "project"):  # quantized: no float copy of the output matrix
+            out = self.tok_embeddings.project(h)
+        else:
+            out = F.linear(h, self.tok_embeddings.weight)
         if self.final_softcap:
             out = torch.tanh(out / self.final_softcap) * self.final_softcap
         return out

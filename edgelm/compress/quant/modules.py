@@ -1,9 +1,10 @@
 """Quantized layers that replace nn.Linear / nn.Embedding module by module.
 
 Weights are stored as densely packed integer codes plus per-group scales and zero points, exactly the
-bytes an artifact holds. The forward pass dequantizes (the runtime issue adds fused low-bit kernels);
-`QuantizedEmbedding` serves both the token lookup (only the rows it needs) and, through `.weight`, the
-tied output matrix.
+bytes an artifact holds. `matmul` runs a few tokens (decoding) on edgelm's compiled kernels when they are
+built (fused dequantize-and-dot, no float copy of the weight) and larger batches by dequantizing; training
+(gradients through trainable scales) always takes the dequantizing path. `QuantizedEmbedding` serves both
+the token lookup (only the rows it needs) and, through `project`, the tied output matrix.
 """
 
 from __future__ import annotations
@@ -12,7 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgelm import kernels
 from edgelm.compress.quant.primitives import QuantScheme, dequantize, pack, unpack
+
+# Up to this many tokens per call the fused kernels beat dequantize-then-matmul (which reads and writes a
+# float copy of the weight); prefill chunks take the batched float path.
+KERNEL_MAX_TOKENS = 8
+
+
+def kernel_eligible(weight: nn.Module, x: torch.Tensor) -> bool:
+    return (x.shape[0] <= KERNEL_MAX_TOKENS and weight.scale_gain is None and not torch.is_grad_enabled()
+            and x.dtype == torch.float32 and kernels.available())
 
 
 class PackedWeight(nn.Module):
@@ -67,6 +78,35 @@ class PackedWeight(nn.Module):
         return sum(b.numel() * b.element_size() for b in (self.packed, self.scales, self.zeros)
                    if b is not self.zeros or not self.scheme.symmetric)
 
+    def kernel(self) -> kernels.KernelMatrix | None:
+        """This weight in the kernels' layout (built on first use), or None when the kernels cannot run it."""
+        if getattr(self, "_kernel", None) is None:
+            if not kernels.supports(self.scheme, self.in_features, self.zeros.dtype):
+                return None
+            self._kernel = kernels.KernelMatrix.from_packed(self)
+        return self._kernel
+
+    # The kernel copy shares scales and zeros but not the codes: drop it whenever the buffers are replaced.
+    def _apply(self, fn, recurse=True):
+        self._kernel = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._kernel = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def matmul(self, x: torch.Tensor, out: torch.Tensor | None = None,
+               out_index: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, in] @ Wᵀ -> [T, out] (or into columns out_index of `out`)."""
+        km = self.kernel() if kernel_eligible(self, x) else None
+        if km is not None:
+            return km.matvec(x, out=out, out_index=out_index)
+        result = F.linear(x, self.dequantize(dtype=x.dtype))
+        if out is None:
+            return result
+        out[:, out_index.long()] = result
+        return out
+
     def extra_repr(self) -> str:
         s = self.scheme
         return (f"{self.out_features}x{self.in_features}, bits={s.bits}, group_size={s.group_size}, "
@@ -86,7 +126,8 @@ class QuantizedLinear(nn.Module):
         return self.weight_q.dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight_q.dequantize(dtype=x.dtype), self.bias)
+        y = self.weight_q.matmul(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
 
 
 class QuantizedEmbedding(nn.Module):
@@ -102,6 +143,11 @@ class QuantizedEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
         return self.weight_q.dequantize(rows=flat).reshape(*ids.shape, self.embedding_dim)
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """h [..., dim] -> logits [..., vocab]: the tied output matrix, without a float copy of it."""
+        flat = h.reshape(-1, h.shape[-1])
+        return self.weight_q.matmul(flat).reshape(*h.shape[:-1], self.num_embeddings)
 
 
 class RowTieredWeight(nn.Module):
@@ -145,6 +191,7 @@ class RowTieredWeight(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._index()
+        self._rows = None
 
     @property
     def scheme(self) -> QuantScheme:
@@ -166,6 +213,19 @@ class RowTieredWeight(nn.Module):
     @property
     def storage_bytes(self) -> int:
         return sum(p.storage_bytes for p in self.parts) + self.tier.numel()
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, in] @ Wᵀ -> [T, out]: each part computes its rows and writes them into their columns."""
+        out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
+        if getattr(self, "_rows", None) is None:
+            self._rows = [(self.tier == k).nonzero().squeeze(1).to(torch.int32) for k in range(len(self.parts))]
+        qa = kernels.QuantizedActivations(x) if kernel_eligible(self, x) else None
+        for part, rows in zip(self.parts, self._rows):
+            if qa is not None and part.kernel() is not None:
+                part.kernel().matvec(qa, out=out, out_index=rows)
+            else:
+                part.matmul(x, out=out, out_index=rows)
+        return out
 
     def extra_repr(self) -> str:
         counts = torch.bincount(self.tier.long(), minlength=len(self.parts)).tolist()

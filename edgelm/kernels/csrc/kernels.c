@@ -101,7 +101,7 @@ static void *worker_main(void *arg) {
     for (;;) {
         /* Spin a little (the next matrix of a decode step comes within microseconds), then sleep. */
         int spins = 0;
-        while (atomic_load_explicit(&pool.generation, memory_order_acquire) == seen && spins < 200000) {
+        while (atomic_load_explicit(&pool.generation, memory_order_acquire) == seen && spins < 20000) {
             cpu_relax();
             spins++;
         }
