@@ -234,6 +234,7 @@ class FeedForward(nn.Module):
         self.w_gate = nn.Linear(dim, hidden_dim, bias=False)
         self.w_up = nn.Linear(dim, hidden_dim, bias=False)
         self.w_down = nn.Linear(hidden_dim, dim, bias=False)
+        self.activation = activation
         if activation == "silu":
             self.act = F.silu
         elif activation == "gelu_tanh":
@@ -283,6 +284,7 @@ class Transformer(nn.Module):
             else:
                 layer.attn.kv_cache = KVCache(batch, self.args.n_kv_heads, max_len, self.args.head_dim, dtype)
         self.cache_len = max_len
+        self.__dict__.pop("_native_decoder", None)  # the compiled step (runtime/native.py) held older caches
 
     def set_kv_bits(self, bits: int | None) -> None:
         """Quantize the KV cache to 8 or 4 bits from now on (None: float cache)."""
@@ -296,6 +298,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attn.kv_cache = None
         self.cache_len = 0
+        self.__dict__.pop("_native_decoder", None)  # the compiled step (runtime/native.py) held these caches
 
     # -- forward ----------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,

@@ -15,6 +15,7 @@ import torch
 
 from edgelm.errors import GenerationError
 from edgelm.models.base import Transformer
+from edgelm.runtime.native import native_decoder
 from edgelm.runtime.sampling import Sampler, SamplingParams
 
 PREFILL_CHUNK = 512  # bounds the attention scratch memory of long prompts
@@ -37,7 +38,10 @@ def prefill(model: Transformer, tokens: Sequence[int], start_pos: int = 0,
 
 @torch.inference_mode()
 def decode_step(model: Transformer, token: int, pos: int) -> torch.Tensor:
-    """One token in, next-token logits out."""
+    """One token in, next-token logits out (on the compiled step when the model can run there)."""
+    native = native_decoder(model)
+    if native is not None:
+        return native.step(token, pos)
     return model(torch.tensor([[token]]), torch.tensor([pos]))[0, -1]
 
 

@@ -325,6 +325,10 @@ EK_AVX512 static inline __m512i decode_chunk(const uint8_t *p, const int bits) {
     }
 }
 
+#ifndef EK_PREFETCH_BYTES
+#define EK_PREFETCH_BYTES 2048
+#endif
+
 typedef struct {
     matvec_job base;
     const int8_t *nxq;  /* [T][cols]: -xq, so that one more vpdpbusd subtracts z * sum(xq) */
@@ -407,8 +411,8 @@ EK_AVX512 static inline __m512 load_scales16(const uint16_t *sc, int64_t first, 
             if (T == 1) {                                                                                    \
                 const int8_t *xq = job->base.xq, *nxq = job->nxq;                                            \
                 const float *dxv = job->dxv;                                                                 \
-                for (int64_t off = 0; off < row_bytes; off += 64)                                            \
-                    _mm_prefetch((const char *)(q + row_bytes + off), _MM_HINT_T0);                          \
+                for (int64_t off = 0; off < row_bytes; off += 64) /* far enough ahead to hide DRAM latency */\
+                    _mm_prefetch((const char *)(q + EK_PREFETCH_BYTES + off), _MM_HINT_T0);                  \
                 EK_ROW_DOT(EK_DECODE_AT, *y);                                                                \
             } else {                                                                                         \
                 for (int64_t c = 0; c < n_chunks; c++) buffer[c] = decode_chunk(q + c * BITS * 8, BITS);     \
@@ -438,40 +442,329 @@ static const ek_task avx512_kernels[9] = {NULL, matvec_rows_avx512_1, matvec_row
 #endif
 
 /* ----------------------------------------------------------------------------------------------------- */
-/* entry point                                                                                             */
+/* prepared activations and the matrix-vector entry point                                                  */
 
-/* y[t][out_index[r]] = (W x_t)[r] for T activation vectors already quantized by ek_quantize_act.
- * Returns 0, or -1 when the matrix is not in a supported shape (cols % 64, group % 32, bits 1..8). */
-EK_EXPORT int ek_matvec(const ek_matrix *m, int64_t n_tokens, const int8_t *xq, const float *dx,
-                        const float *bsum, float *y, int64_t out_stride, const int32_t *out_index) {
-    if (m->cols % 64 || m->group % 32 || m->cols % m->group || m->bits < 1 || m->bits > 8) return -1;
-    matvec_job job = {m, xq, dx, bsum, y, out_index, n_tokens, out_stride};
-    int64_t grain = m->rows / (8 * (int64_t)pool.n_threads);
-    grain = grain < 16 ? 16 : grain > 1024 ? 1024 : grain;
+/* T activation vectors of `cols` values, quantized once and reusable for every matrix with `cols` columns
+ * (q, k and v share one; gate and up another). */
+typedef struct {
+    int64_t n_tokens, cols;
+    const int8_t *xq;
+    const float *dx, *bsum;
+    int8_t *nxq;   /* owned */
+    float *dxv;    /* owned, 64-byte aligned */
+} prepared_act;
+
+static int prepare_act(prepared_act *pa, int64_t n_tokens, int64_t cols, const int8_t *xq, const float *dx,
+                       const float *bsum) {
+    const int64_t n_blocks = cols / 32, n_chunks = cols / 64;
+    pa->n_tokens = n_tokens;
+    pa->cols = cols;
+    pa->xq = xq;
+    pa->dx = dx;
+    pa->bsum = bsum;
+    pa->nxq = malloc((size_t)(n_tokens * cols));
+    /* Plain floats: an __m512 cannot cross from baseline-ISA functions into the AVX-512 ones. */
+    pa->dxv = aligned_alloc(64, sizeof(float) * 16 * (size_t)(n_tokens * n_chunks));
+    if (!pa->nxq || !pa->dxv) {
+        free(pa->nxq);
+        free(pa->dxv);
+        return -2;
+    }
+    for (int64_t i = 0; i < n_tokens * cols; i++) pa->nxq[i] = (int8_t)-xq[i];
+    for (int64_t t = 0; t < n_tokens; t++)
+        for (int64_t c = 0; c < n_chunks; c++)
+            for (int lane = 0; lane < 16; lane++)
+                pa->dxv[(t * n_chunks + c) * 16 + lane] = dx[t * n_blocks + 2 * c + (lane >= 8)];
+    return 0;
+}
+
+static void release_act(prepared_act *pa) {
+    free(pa->nxq);
+    free(pa->dxv);
+}
+
+static int supported(const ek_matrix *m, int64_t cols) {
+    return m->cols == cols && m->cols % 64 == 0 && m->group % 32 == 0 && m->cols % m->group == 0 && m->bits >= 1 &&
+           m->bits <= 8;
+}
+
+/* Rows [begin, end) of one matrix against prepared activations, on the best path for this CPU. */
+static void matrix_rows(const ek_matrix *m, const prepared_act *pa, float *y, int64_t out_stride,
+                        const int32_t *out_index, int64_t begin, int64_t end) {
+    matvec_job job = {m, pa->xq, pa->dx, pa->bsum, y, out_index, pa->n_tokens, out_stride};
 #ifdef EK_X86
     /* The SIMD path needs groups of 32 or 64 x 2^k codes (a chunk -> group map by shifting). */
     if (ek_cpu_level() >= EK_AVX512_VNNI && (m->group == 32 || (m->group % 64 == 0 && !((m->group / 64) & (m->group / 64 - 1))))) {
-        const int64_t n_blocks = m->cols / 32, n_chunks = m->cols / 64;
-        /* Plain floats: an __m512 cannot cross from this (baseline ISA) function into the AVX-512 ones. */
-        float *dxv = aligned_alloc(64, sizeof(float) * 16 * (size_t)(n_tokens * n_chunks));
-        int8_t *nxq = malloc((size_t)(n_tokens * m->cols));
-        if (!dxv || !nxq) {
-            free(dxv);
-            free(nxq);
-            return -2;
-        }
-        for (int64_t i = 0; i < n_tokens * m->cols; i++) nxq[i] = (int8_t)-xq[i];
-        for (int64_t t = 0; t < n_tokens; t++)
-            for (int64_t c = 0; c < n_chunks; c++)
-                for (int lane = 0; lane < 16; lane++)
-                    dxv[(t * n_chunks + c) * 16 + lane] = dx[t * n_blocks + 2 * c + (lane >= 8)];
-        avx512_job ajob = {job, nxq, dxv};
-        parallel_for(m->rows, grain, avx512_kernels[m->bits], &ajob);
-        free(dxv);
-        free(nxq);
-        return 0;
+        avx512_job ajob = {job, pa->nxq, pa->dxv};
+        avx512_kernels[m->bits](&ajob, begin, end);
+        return;
     }
 #endif
-    parallel_for(m->rows, grain, matvec_rows_generic, &job);
+    matvec_rows_generic(&job, begin, end);
+}
+
+/* Several matrices with the same input, as one parallel job over their stacked rows (one thread
+ * hand-off instead of one per matrix: q/k/v, gate/up). */
+#define EK_MAX_STACK 4
+typedef struct {
+    int n;
+    const ek_matrix *ms[EK_MAX_STACK];
+    float *ys[EK_MAX_STACK];
+    int64_t first_row[EK_MAX_STACK + 1];
+    const prepared_act *pa;
+    int64_t out_stride;
+    const int32_t *out_index;
+} stacked_job;
+
+static void stacked_rows(void *ctx, int64_t begin, int64_t end) {
+    const stacked_job *job = ctx;
+    for (int i = 0; i < job->n; i++) {
+        int64_t lo = begin > job->first_row[i] ? begin : job->first_row[i];
+        int64_t hi = end < job->first_row[i + 1] ? end : job->first_row[i + 1];
+        if (lo < hi)
+            matrix_rows(job->ms[i], job->pa, job->ys[i], job->out_stride, job->out_index,
+                        lo - job->first_row[i], hi - job->first_row[i]);
+    }
+}
+
+static int matvec_stacked(const ek_matrix *const *ms, float *const *ys, int n, const prepared_act *pa,
+                          int64_t out_stride, const int32_t *out_index) {
+    stacked_job job = {.n = n, .pa = pa, .out_stride = out_stride, .out_index = out_index};
+    if (n < 1 || n > EK_MAX_STACK) return -1;
+    for (int i = 0; i < n; i++) {
+        if (!supported(ms[i], pa->cols)) return -1;
+        job.ms[i] = ms[i];
+        job.ys[i] = ys[i];
+        job.first_row[i + 1] = job.first_row[i] + ms[i]->rows;
+    }
+    const int64_t total = job.first_row[n];
+    int64_t grain = total / (8 * (int64_t)pool.n_threads);
+    grain = grain < 16 ? 16 : grain > 1024 ? 1024 : grain;
+    parallel_for(total, grain, stacked_rows, &job);
     return 0;
+}
+
+static int matvec_prepared(const ek_matrix *m, const prepared_act *pa, float *y, int64_t out_stride,
+                           const int32_t *out_index) {
+    return matvec_stacked(&m, &y, 1, pa, out_stride, out_index);
+}
+
+/* y[t][out_index[r]] = (W x_t)[r] for T activation vectors already quantized by ek_quantize_act.
+ * Returns 0, -1 when the matrix is not in a supported shape (cols % 64, group % 32, bits 1..8), -2 when
+ * out of memory. */
+EK_EXPORT int ek_matvec(const ek_matrix *m, int64_t n_tokens, const int8_t *xq, const float *dx,
+                        const float *bsum, float *y, int64_t out_stride, const int32_t *out_index) {
+    prepared_act pa;
+    if (m->cols % 64) return -1;
+    if (prepare_act(&pa, n_tokens, m->cols, xq, dx, bsum)) return -2;
+    int status = matvec_prepared(m, &pa, y, out_stride, out_index);
+    release_act(&pa);
+    return status;
+}
+
+/* ----------------------------------------------------------------------------------------------------- */
+/* one decode step of a transformer block stack                                                          */
+
+/* The plain loops below (norms, attention, activations) are compiled for AVX-512 and AVX2 as well, the
+ * best chosen at load time (GCC/Clang function multi-versioning); elsewhere they are plain C. */
+#if defined(EK_X86) && defined(__GNUC__) && !defined(__clang__)
+#define EK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define EK_CLONES
+#endif
+
+/* Hyper-parameters of the block stack (mirrors edgelm/models/base.py). */
+typedef struct {
+    int32_t n_layers, dim, n_heads, n_kv_heads, head_dim, hidden_dim, max_len;
+    int32_t activation;   /* 0: silu (SwiGLU), 1: tanh-GELU (GeGLU) */
+    int32_t rope_neox;    /* rotate halves (1) or interleaved pairs (0) */
+    float norm_eps, attn_scale;
+} ek_block_args;
+
+typedef struct {
+    ek_matrix wq, wk, wv, wo, w_gate, w_up, w_down;
+    const float *attn_norm, *ffn_norm;
+    const float *post_attn_norm, *post_ffn_norm;  /* Gemma's sandwich norms, or NULL */
+    const float *q_norm, *k_norm;                 /* per-head RMSNorm of q and k (Gemma 3), or NULL */
+    const float *bq, *bk, *bv;                    /* q/k/v biases (Qwen2), or NULL */
+    const float *rope_cos, *rope_sin;             /* [max_len][head_dim / 2] for this layer's rope base */
+    float *k_cache, *v_cache;                     /* [n_kv_heads][max_len][head_dim] */
+    int32_t window;                               /* sliding window (attend to the last `window`), 0 = global */
+} ek_layer;
+
+#ifdef EK_X86
+EK_AVX512 static float dot_avx512(const float *a, const float *b, int64_t n) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+    }
+    for (; i < n; i += 16) {
+        __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + i), _mm512_maskz_loadu_ps(k, b + i), acc0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+#endif
+
+/* <a, b> in float32 (SIMD where the CPU has it; the sum's rounding then differs from a left-to-right one). */
+static float dot_f32(const float *a, const float *b, int64_t n) {
+#ifdef EK_X86
+    if (ek_cpu_level() >= EK_AVX512_VNNI) return dot_avx512(a, b, n);
+#endif
+    float acc[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
+    float total = 0.f;
+    for (; i < n; i++) total += a[i] * b[i];
+    for (int j = 0; j < 8; j++) total += acc[j];
+    return total;
+}
+
+EK_CLONES static void rms_norm(float *out, const float *x, const float *w, int64_t n, float eps) {
+    float ss = dot_f32(x, x, n);
+    float inv = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = x[i] * inv * w[i];
+}
+
+static void rope(float *v, const float *cos_row, const float *sin_row, int64_t head_dim, int neox) {
+    const int64_t half = head_dim / 2;
+    for (int64_t i = 0; i < half; i++) {
+        int64_t a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
+        float x1 = v[a], x2 = v[b], c = cos_row[i], s = sin_row[i];
+        v[a] = x1 * c - x2 * s;
+        v[b] = x2 * c + x1 * s;
+    }
+}
+
+/* out = act(gate) * up; tanh(u) = 1 - 2 / (exp(2u) + 1) keeps to one exp per element. */
+EK_CLONES static void gated_activation(float *out, const float *gate, const float *up, int64_t n, int activation) {
+    if (activation == 1) {
+        const float k = 0.7978845608028654f; /* sqrt(2 / pi) */
+        for (int64_t i = 0; i < n; i++) {
+            float g = gate[i], u = k * (g + 0.044715f * g * g * g);
+            u = u > 15.f ? 15.f : u < -15.f ? -15.f : u;
+            out[i] = 0.5f * g * (2.0f - 2.0f / (expf(2.0f * u) + 1.0f)) * up[i];
+        }
+    } else {
+        for (int64_t i = 0; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+    }
+}
+
+/* x [dim] -> W x with activations quantized here; several matrices may share one input (q/k/v, gate/up). */
+static int project(const ek_matrix *const *ms, float *const *outs, int n, const float *x, int64_t cols) {
+    int8_t *xq = malloc((size_t)cols);
+    float *dx = malloc(sizeof(float) * (size_t)(cols / 32)), *bsum = malloc(sizeof(float) * (size_t)(cols / 32));
+    prepared_act pa;
+    int status = -2;
+    if (xq && dx && bsum) {
+        ek_quantize_act(x, cols, xq, dx, bsum);
+        if (prepare_act(&pa, 1, cols, xq, dx, bsum) == 0) {
+            status = 0;
+            status = matvec_stacked(ms, outs, n, &pa, 0, NULL);
+            release_act(&pa);
+        }
+    }
+    free(xq);
+    free(dx);
+    free(bsum);
+    return status;
+}
+
+typedef struct {
+    const ek_block_args *a;
+    const ek_layer *L;
+    const float *q;
+    float *out;
+    int64_t pos, start;
+} attention_job;
+
+/* Heads in parallel: softmax(q k^T * scale) v over cache positions [start, pos]. */
+EK_CLONES static void attention_heads(void *ctx, int64_t begin, int64_t end) {
+    const attention_job *job = ctx;
+    const ek_block_args *a = job->a;
+    const int64_t hd = a->head_dim, group = a->n_heads / a->n_kv_heads, n = job->pos - job->start + 1;
+    float *scores = malloc(sizeof(float) * (size_t)n);
+    if (!scores) return;
+    for (int64_t h = begin; h < end; h++) {
+        const float *q = job->q + h * hd;
+        const float *kc = job->L->k_cache + (h / group) * (int64_t)a->max_len * hd;
+        const float *vc = job->L->v_cache + (h / group) * (int64_t)a->max_len * hd;
+        float best = -INFINITY;
+        for (int64_t j = 0; j < n; j++) {
+            scores[j] = dot_f32(q, kc + (job->start + j) * hd, hd) * a->attn_scale;
+            best = scores[j] > best ? scores[j] : best;
+        }
+        float total = 0.f;
+        for (int64_t j = 0; j < n; j++) {
+            scores[j] = expf(scores[j] - best);
+            total += scores[j];
+        }
+        float *o = job->out + h * hd;
+        memset(o, 0, sizeof(float) * (size_t)hd);
+        for (int64_t j = 0; j < n; j++) {
+            const float *v = vc + (job->start + j) * hd, p = scores[j] / total;
+            for (int64_t i = 0; i < hd; i++) o[i] += p * v[i];
+        }
+    }
+    free(scores);
+}
+
+/* Run hidden state x [dim] of the token at `pos` through every layer (the caches must hold positions
+ * < pos); x is updated in place. Returns 0, or a negative status (bad matrix shape, out of memory). */
+EK_EXPORT int ek_decode_layers(const ek_block_args *a, const ek_layer *layers, float *x, int64_t pos) {
+    const int64_t dim = a->dim, hd = a->head_dim, q_dim = (int64_t)a->n_heads * hd, kv_dim = (int64_t)a->n_kv_heads * hd;
+    const int64_t hidden = a->hidden_dim, wide = q_dim > hidden ? q_dim : hidden;
+    float *h = malloc(sizeof(float) * (size_t)(dim > wide ? dim : wide));
+    float *q = malloc(sizeof(float) * (size_t)q_dim), *k = malloc(sizeof(float) * (size_t)kv_dim);
+    float *v = malloc(sizeof(float) * (size_t)kv_dim), *att = malloc(sizeof(float) * (size_t)q_dim);
+    float *gate = malloc(sizeof(float) * (size_t)hidden), *up = malloc(sizeof(float) * (size_t)hidden);
+    float *o = malloc(sizeof(float) * (size_t)dim);
+    int status = (h && q && k && v && att && gate && up && o) ? 0 : -2;
+    if (pos < 0 || pos >= a->max_len) status = -3;
+    for (int32_t l = 0; l < a->n_layers && status == 0; l++) {
+        const ek_layer *L = &layers[l];
+        /* attention */
+        rms_norm(h, x, L->attn_norm, dim, a->norm_eps);
+        const ek_matrix *qkv[3] = {&L->wq, &L->wk, &L->wv};
+        float *qkv_out[3] = {q, k, v};
+        if ((status = project(qkv, qkv_out, 3, h, dim))) break;
+        if (L->bq) for (int64_t i = 0; i < q_dim; i++) q[i] += L->bq[i];
+        if (L->bk) for (int64_t i = 0; i < kv_dim; i++) k[i] += L->bk[i];
+        if (L->bv) for (int64_t i = 0; i < kv_dim; i++) v[i] += L->bv[i];
+        const float *cos_row = L->rope_cos + pos * (hd / 2), *sin_row = L->rope_sin + pos * (hd / 2);
+        for (int64_t head = 0; head < a->n_heads; head++) {
+            if (L->q_norm) rms_norm(q + head * hd, q + head * hd, L->q_norm, hd, a->norm_eps);
+            rope(q + head * hd, cos_row, sin_row, hd, a->rope_neox);
+        }
+        for (int64_t head = 0; head < a->n_kv_heads; head++) {
+            if (L->k_norm) rms_norm(k + head * hd, k + head * hd, L->k_norm, hd, a->norm_eps);
+            rope(k + head * hd, cos_row, sin_row, hd, a->rope_neox);
+            memcpy(L->k_cache + (head * (int64_t)a->max_len + pos) * hd, k + head * hd, sizeof(float) * (size_t)hd);
+            memcpy(L->v_cache + (head * (int64_t)a->max_len + pos) * hd, v + head * hd, sizeof(float) * (size_t)hd);
+        }
+        int64_t start = L->window > 0 && pos - L->window + 1 > 0 ? pos - L->window + 1 : 0;
+        attention_job aj = {a, L, q, att, pos, start};
+        parallel_for(a->n_heads, 1, attention_heads, &aj);
+        const ek_matrix *wo[1] = {&L->wo};
+        float *o_out[1] = {o};
+        if ((status = project(wo, o_out, 1, att, q_dim))) break;
+        if (L->post_attn_norm) rms_norm(o, o, L->post_attn_norm, dim, a->norm_eps);
+        for (int64_t i = 0; i < dim; i++) x[i] += o[i];
+        /* feed-forward */
+        rms_norm(h, x, L->ffn_norm, dim, a->norm_eps);
+        const ek_matrix *gu[2] = {&L->w_gate, &L->w_up};
+        float *gu_out[2] = {gate, up};
+        if ((status = project(gu, gu_out, 2, h, dim))) break;
+        gated_activation(h, gate, up, hidden, a->activation);
+        const ek_matrix *down[1] = {&L->w_down};
+        float *down_out[1] = {o};
+        if ((status = project(down, down_out, 1, h, hidden))) break;
+        if (L->post_ffn_norm) rms_norm(o, o, L->post_ffn_norm, dim, a->norm_eps);
+        for (int64_t i = 0; i < dim; i++) x[i] += o[i];
+    }
+    free(h); free(q); free(k); free(v); free(att); free(gate); free(up); free(o);
+    return status;
 }

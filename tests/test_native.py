@@ -1,0 +1,69 @@
+"""The compiled decode step reproduces the eager forward pass (all three architectures, sliding window,
+biases, sandwich norms) and steps aside for models it cannot run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import edgelm
+from edgelm import kernels
+from edgelm.compress import RTN, compress
+from edgelm.runtime.generate import decode_step, prefill
+from edgelm.runtime.native import native_decoder
+from tests.tiny_gguf import TinyConfig, write_tiny_model
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="kernels not built (no C compiler)")
+
+
+def quantized_tiny(tmp_path, arch: str):
+    path = write_tiny_model(tmp_path / f"{arch}.gguf", TinyConfig(arch=arch, dim=128, hidden_dim=256, n_layers=3))
+    model, _ = edgelm.load(str(path))
+    compress(model, RTN(bits=4, group_size=32, embedding=True))
+    return model
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen2", "llama"])
+def test_native_step_matches_the_eager_forward(tmp_path, arch):
+    model = quantized_tiny(tmp_path, arch)
+    prompt = list(range(3, 9))
+    model.setup_caches(40)
+    try:
+        prefill(model, prompt)
+        native = native_decoder(model)
+        assert native is not None
+        token = 11
+        # Past gemma3's sliding window of 8: local layers must drop the oldest positions.
+        for pos in range(len(prompt), 30):
+            fast = native.step(token, pos)
+            with torch.inference_mode():  # the same position again, eagerly (rewrites the same cache slot)
+                slow = model(torch.tensor([[token]]), torch.tensor([pos]))[0, -1]
+            assert (fast - slow).norm() / slow.norm() < 0.03, (arch, pos)
+            token = int(slow.argmax())
+    finally:
+        model.clear_caches()
+
+
+def test_decode_step_uses_it_and_falls_back_when_it_cannot(tmp_path):
+    model = quantized_tiny(tmp_path, "qwen2")
+    model.setup_caches(16)
+    try:
+        prefill(model, [1, 2, 3])
+        assert native_decoder(model) is not None
+        assert decode_step(model, 4, 3).shape == (model.args.vocab_size,)
+    finally:
+        model.clear_caches()
+    model.set_kv_bits(8)  # a quantized KV cache: the eager path
+    model.setup_caches(16)
+    try:
+        prefill(model, [1, 2, 3])
+        assert native_decoder(model) is None
+        assert decode_step(model, 4, 3).shape == (model.args.vocab_size,)
+    finally:
+        model.clear_caches()
+    float_model, _ = edgelm.load(str(tmp_path / "qwen2.gguf"))  # float layers: eager
+    float_model.setup_caches(16)
+    try:
+        assert native_decoder(float_model) is None
+    finally:
+        float_model.clear_caches()
