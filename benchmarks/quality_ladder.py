@@ -31,6 +31,7 @@ DATA = ROOT.parent / "shared" / "data"
 EDGELM_RUNGS: dict[str, list[dict]] = {
     "source": [{"source": {}}],  # the file's own grids, lossless
     "mixed-6": [{"mixed": {"target_bpw": 6.0}}],
+    "mixed-5.5": [{"mixed": {"target_bpw": 5.5}}],
     "mixed-5": [{"mixed": {"target_bpw": 5.0}}],
     "mixed-4.5": [{"mixed": {"target_bpw": 4.5}}],
     "mixed-4": [{"mixed": {"target_bpw": 4.0}}],
@@ -121,6 +122,10 @@ def run_edgelm(args, results: Results, base, tokenizer) -> None:
             record["ppl_all"] = perplexity_of_file(model, tokenizer, args.test).ppl
         results.put(record)
         print(json.dumps(record), file=sys.stderr)
+        if args.save_models:  # e.g. to benchmark a rung's speed: edgelm bench -m DIR/NAME --vs-llama-cpp
+            from edgelm.io.artifact import save_artifact
+
+            save_artifact(model, tokenizer, args.save_models / name, recipe=recipe, source=base.source)
         del model
 
 
@@ -174,6 +179,8 @@ def main() -> int:
     parser.add_argument("--rungs", nargs="*", default=None, help="only these rung names")
     parser.add_argument("--llama-cpp-bin", default=None, help="directory with llama-quantize/-imatrix/-perplexity")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--save-models", type=Path, default=None, metavar="DIR",
+                        help="also write each compressed rung as an edgelm model directory DIR/NAME")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ladder")
     parser.add_argument("--report-only", action="store_true", help="redraw the table and plot from results.json")
     args = parser.parse_args()

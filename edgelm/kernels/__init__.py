@@ -21,7 +21,7 @@ from functools import lru_cache
 
 import torch
 
-from edgelm.kernels.layout import CHUNK, to_planes
+from edgelm.kernels.layout import CHUNK, ROW_BLOCK, to_planes
 
 LEVELS = {0: "generic C", 2: "AVX-512 VNNI"}
 
@@ -124,10 +124,15 @@ class KernelMatrix:
     @classmethod
     def from_packed(cls, weight) -> KernelMatrix:
         """From a PackedWeight (edgelm.compress.quant.modules); check `supports` first."""
-        scheme = weight.scheme
-        group = scheme.group_size or weight.in_features
-        return cls(to_planes(weight.codes(), scheme.bits), weight.scales.to(torch.float16),
-                   weight.zeros.to(torch.uint8), scheme.bits, group, weight.in_features)
+        from edgelm.compress.quant.primitives import unpack
+
+        scheme, rows, cols = weight.scheme, weight.out_features, weight.in_features
+        planes = torch.empty(rows, cols * scheme.bits // 8, dtype=torch.uint8)
+        for start in range(0, rows, ROW_BLOCK):  # a block at a time: no full-size temporaries
+            planes[start:start + ROW_BLOCK] = to_planes(unpack(weight.packed[start:start + ROW_BLOCK], scheme.bits,
+                                                               cols), scheme.bits)
+        return cls(planes, weight.scales.to(torch.float16), weight.zeros.to(torch.uint8), scheme.bits,
+                   scheme.group_size or cols, cols)
 
     @property
     def nbytes(self) -> int:

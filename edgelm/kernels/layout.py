@@ -26,6 +26,9 @@ def planes(bits: int) -> list[int]:
     return [w for w in (4, 2, 1) if bits & w]
 
 
+ROW_BLOCK = 8192  # rows converted at a time: bounds the temporaries for a 262k-row output matrix
+
+
 def to_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes [rows, cols] (cols a multiple of 64) -> plane layout [rows, cols * bits / 8]."""
     rows, cols = codes.shape
@@ -33,6 +36,14 @@ def to_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"{cols} columns are not a multiple of {CHUNK}")
     if bits == 8:
         return codes.to(torch.uint8).contiguous()
+    out = torch.empty(rows, cols * bits // 8, dtype=torch.uint8)
+    for start in range(0, rows, ROW_BLOCK):
+        out[start:start + ROW_BLOCK] = _to_planes(codes[start:start + ROW_BLOCK], bits)
+    return out
+
+
+def _to_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    rows, cols = codes.shape
     chunks = codes.to(torch.int32).reshape(rows, cols // CHUNK, CHUNK)
     parts, shift = [], 0
     for width in planes(bits):
