@@ -18,6 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_threads_argument(parser)
     add_kv_bits_argument(parser)
     parser.add_argument("--no-bos", action="store_true", help="do not add the BOS token to the prompt")
+    parser.add_argument("--draft", default=None, metavar="MODEL_OR_BITS",
+                        help="speculative decoding: a smaller model with the same vocabulary, or a bit width "
+                             "N for the model itself at N bits (any-precision model directories)")
+    parser.add_argument("--num-draft", type=int, default=4, metavar="N",
+                        help="tokens the draft proposes per round (default: 4)")
     parser.add_argument("--verbose", "-v", action="store_true", help="print speed statistics to stderr")
 
 
@@ -29,10 +34,17 @@ def run(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, tokenizer = load_model(args)
     model.set_kv_bits(args.kv_bits)
+    draft = load_draft(args, model)
+    spec = None
+    if draft is not None:
+        from edgelm.runtime.speculative import SpeculativeStats
+
+        spec = SpeculativeStats()
     last = None
     for response in edgelm.stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens,
                                            sampling=params, stop=args.stop,
-                                           add_bos=False if args.no_bos else None):
+                                           add_bos=False if args.no_bos else None, draft=draft,
+                                           num_draft=args.num_draft, spec_stats=spec):
         sys.stdout.write(response.text)
         sys.stdout.flush()
         last = response
@@ -42,4 +54,27 @@ def run(args: argparse.Namespace) -> int:
         print(f"prompt: {s.prompt_tokens} tokens, {s.prompt_tps:.1f} tok/s | generation: "
               f"{s.generation_tokens} tokens, {s.generation_tps:.1f} tok/s | first token "
               f"{s.first_token_seconds * 1000:.0f} ms | finish: {last.finish_reason}", file=sys.stderr)
+        if spec is not None:
+            print(f"speculative: {spec.accepted}/{spec.drafted} draft tokens accepted "
+                  f"({spec.acceptance:.0%}), {spec.mean_accepted:.2f} per round of {args.num_draft}",
+                  file=sys.stderr)
     return 0
+
+
+def load_draft(args: argparse.Namespace, model):
+    """The --draft model: another model, or this one at fewer bits (any-precision directories)."""
+    if args.draft is None:
+        return None
+    import edgelm
+    from edgelm.errors import EdgelmError
+    from edgelm.runtime.speculative import check_draft
+
+    if args.num_draft < 1:
+        raise EdgelmError(f"--num-draft must be >= 1, got {args.num_draft}")
+    if args.draft.isdigit():
+        draft, _ = edgelm.load(args.model, bits=int(args.draft))
+    else:
+        draft, _ = edgelm.load(args.draft)
+    draft.set_kv_bits(args.kv_bits)
+    check_draft(model, draft)
+    return draft

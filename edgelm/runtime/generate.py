@@ -110,15 +110,26 @@ class GenerationResponse:
 
 def stream_generate(model: Transformer, tokenizer, prompt: str | Sequence[int], *, max_tokens: int = 256,
                     sampling: SamplingParams | None = None, stop: Sequence[str] = (),
-                    add_bos: bool | None = None) -> Iterator[GenerationResponse]:
-    """Yield text increments as tokens are generated; stops at EOS, a stop string, or max_tokens."""
+                    add_bos: bool | None = None, draft: Transformer | None = None, num_draft: int = 4,
+                    spec_stats=None) -> Iterator[GenerationResponse]:
+    """Yield text increments as tokens are generated; stops at EOS, a stop string, or max_tokens.
+
+    With a `draft` model, tokens come from speculative decoding (runtime/speculative.py): the same
+    distribution (greedy: the same text), fewer target steps; `spec_stats` collects its acceptance."""
     ids = tokenizer.encode(prompt, add_bos=add_bos) if isinstance(prompt, str) else list(prompt)
     stats = GenerationStats()
+    if draft is not None:
+        from edgelm.runtime.speculative import speculative_generate_step
+
+        steps = speculative_generate_step(model, draft, ids, Sampler(sampling), max_tokens, num_draft, stats,
+                                          spec_stats)
+    else:
+        steps = generate_step(model, ids, Sampler(sampling), max_tokens, stats)
     detok = tokenizer.detokenizer()
     stops = [s for s in stop if s]
     pending = ""  # text held back because it might be the start of a stop string
     finish, stopped_by_string = "length", False
-    for token in generate_step(model, ids, Sampler(sampling), max_tokens, stats):
+    for token in steps:
         if token in tokenizer.eos_ids:
             finish = "stop"
             break

@@ -1,0 +1,97 @@
+"""Speculative decoding: greedy output identical to plain decoding, sampled tokens distributed as the
+target's, acceptance statistics, and the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import edgelm
+from edgelm.errors import GenerationError
+from edgelm.runtime.generate import generate_step
+from edgelm.runtime.sampling import Sampler, SamplingParams
+from edgelm.runtime.speculative import SpeculativeStats, _accept, speculative_generate_step
+from tests.tiny_gguf import TinyConfig, write_tiny_model
+
+GREEDY = SamplingParams(temperature=0)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A tiny target and a different tiny draft with the same vocabulary."""
+    d = tmp_path_factory.mktemp("spec")
+    target = write_tiny_model(d / "target.gguf", TinyConfig(arch="qwen2", dim=128, hidden_dim=256, seed=1))
+    draft = write_tiny_model(d / "draft.gguf", TinyConfig(arch="qwen2", dim=64, hidden_dim=128, n_layers=2, seed=2))
+    return target, draft
+
+
+@pytest.mark.parametrize("num_draft", [1, 3, 5])
+def test_greedy_output_is_the_targets_own(pair, num_draft):
+    target, _ = edgelm.load(str(pair[0]))
+    draft, _ = edgelm.load(str(pair[1]))
+    prompt = [1, 17, 42, 99]
+    plain = list(generate_step(target, prompt, Sampler(GREEDY), max_tokens=30))
+    spec = SpeculativeStats()
+    fast = list(speculative_generate_step(target, draft, prompt, Sampler(GREEDY), max_tokens=30,
+                                          num_draft=num_draft, spec_stats=spec))
+    assert fast == plain
+    assert spec.rounds > 0 and spec.drafted >= spec.accepted >= 0
+    assert 0.0 <= spec.acceptance <= 1.0
+
+
+def test_a_draft_that_is_the_target_is_always_accepted(pair):
+    target, _ = edgelm.load(str(pair[0]))
+    same, _ = edgelm.load(str(pair[0]))
+    spec = SpeculativeStats()
+    sampling = SamplingParams(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0, seed=3)
+    tokens = list(speculative_generate_step(target, same, [1, 2, 3], Sampler(sampling), max_tokens=25,
+                                            num_draft=4, spec_stats=spec))
+    assert len(tokens) == 25
+    assert spec.acceptance > 0.95 and spec.mean_accepted > 3.5  # p == q: every ratio is 1 (up to rounding)
+
+
+def test_accept_reject_yields_the_target_distribution():
+    """The core lemma: d ~ q, accept with min(1, p/q), else draw from max(0, p - q): the result is ~ p."""
+    g = torch.Generator().manual_seed(0)
+    vocab = 6
+    p = torch.softmax(torch.randn(vocab, generator=g) * 1.5, -1)
+    q = torch.softmax(torch.randn(vocab, generator=g) * 1.5, -1)
+    sampler = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0, seed=0))
+    target_logits = torch.stack([p.log(), p.log()])  # position 0 decides; position 1 would be the bonus
+    counts = torch.zeros(vocab)
+    trials = 20000
+    for _ in range(trials):
+        d = int(torch.multinomial(q, 1, generator=sampler.generator))
+        counts[_accept(sampler, [d], [q], target_logits)[0]] += 1
+    assert (counts / trials - p).abs().max() < 0.015, (counts / trials, p)
+    # and not q's, which differs
+    assert (counts / trials - q).abs().max() > 0.05
+
+
+def test_bad_settings_are_refused(pair, tmp_path):
+    target, _ = edgelm.load(str(pair[0]))
+    with pytest.raises(GenerationError, match="num-draft"):
+        list(speculative_generate_step(target, target, [1, 2], num_draft=0))
+    other = write_tiny_model(tmp_path / "gemma.gguf", TinyConfig(arch="gemma3"))
+    gemma, _ = edgelm.load(str(other))
+    with pytest.raises(GenerationError, match="vocabulary"):
+        list(speculative_generate_step(target, gemma, [1, 2]))
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "edgelm", *args], capture_output=True, text=True)
+
+
+def test_cli_draft_gives_the_same_greedy_text_and_reports_acceptance(pair, tmp_path):
+    common = ["generate", "-m", str(pair[0]), "-p", "hello world", "-n", "20", "--temp", "0"]
+    plain = run_cli(*common)
+    spec = run_cli(*common, "--draft", str(pair[1]), "--num-draft", "3", "-v")
+    assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
+    assert spec.stdout == plain.stdout
+    assert "draft tokens accepted" in spec.stderr
+    other = write_tiny_model(tmp_path / "gemma.gguf", TinyConfig(arch="gemma3"))
+    bad = run_cli(*common, "--draft", str(other))
+    assert bad.returncode != 0 and "vocabulary" in bad.stderr and "Traceback" not in bad.stderr
