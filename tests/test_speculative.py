@@ -95,3 +95,20 @@ def test_cli_draft_gives_the_same_greedy_text_and_reports_acceptance(pair, tmp_p
     other = write_tiny_model(tmp_path / "gemma.gguf", TinyConfig(arch="gemma3"))
     bad = run_cli(*common, "--draft", str(other))
     assert bad.returncode != 0 and "vocabulary" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_self_speculative_draft_from_an_any_precision_directory(tmp_path):
+    """--draft N: the same any-precision store at N bits drafts for the model at --bits."""
+    from edgelm.compress import compress
+    from edgelm.compress.quant.anyprec import AnyPrecision
+    from edgelm.io.artifact import save_artifact
+
+    path = write_tiny_model(tmp_path / "m.gguf", TinyConfig(arch="qwen2", dim=128, hidden_dim=256))
+    model, tokenizer = edgelm.load(path)
+    compress(model, [AnyPrecision(max_bits=8, min_bits=3, bits=8, group_size=32)])
+    store = save_artifact(model, tokenizer, tmp_path / "ap")
+    common = ["generate", "-m", str(store), "--bits", "8", "-p", "hello", "-n", "16", "--temp", "0"]
+    plain = run_cli(*common)
+    spec = run_cli(*common, "--draft", "3", "-v")
+    assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
+    assert spec.stdout == plain.stdout and "draft tokens accepted" in spec.stderr
