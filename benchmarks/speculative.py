@@ -1,0 +1,101 @@
+"""Speculative decoding against plain decoding of the same target, greedy, both in one run, alternating.
+
+    python benchmarks/speculative.py --target DIR_OR_MODEL --draft DIR_OR_MODEL_OR_BITS [-n 128] [--reps 3]
+
+Prints decode tokens/s of plain and speculative generation (median of the repetitions, min-max), the
+speed-up, the acceptance (accepted ÷ drafted draft tokens), the mean accepted length per round, and
+whether the speculative text is identical to the plain greedy text (it must be).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+PROMPTS = [
+    "def quicksort(arr):\n    \"\"\"Sort a list with quicksort.\"\"\"\n",
+    "# Read a CSV file and print the average of the second column\nimport csv\n\n",
+    "class Stack:\n    \"\"\"A LIFO stack backed by a Python list.\"\"\"\n\n    def __init__(self):\n",
+]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", required=True)
+    parser.add_argument("--target-bits", type=int, default=None, help="precision of an any-precision target")
+    parser.add_argument("--draft", required=True, help="a model, or a bit width N (the target at N bits)")
+    parser.add_argument("--num-draft", type=int, nargs="+", default=[4])
+    parser.add_argument("-n", "--max-tokens", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("-t", "--threads", type=int, default=None)
+    args = parser.parse_args()
+
+    import torch
+
+    import edgelm
+    from edgelm import kernels
+    from edgelm.runtime.generate import GenerationStats, generate_step
+    from edgelm.runtime.sampling import Sampler, SamplingParams
+    from edgelm.runtime.speculative import SpeculativeStats, speculative_generate_step
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        kernels.set_threads(args.threads)
+    target, tokenizer = edgelm.load(args.target, bits=args.target_bits)
+    if args.draft.isdigit():
+        draft, _ = edgelm.load(args.target, bits=int(args.draft))
+    else:
+        draft, _ = edgelm.load(args.draft)
+    greedy = SamplingParams(temperature=0)
+
+    def plain(prompt):
+        stats = GenerationStats()
+        tokens = list(generate_step(target, prompt, Sampler(greedy), args.max_tokens, stats))
+        return tokens, stats
+
+    def speculative(prompt, k, spec):
+        stats = GenerationStats()
+        tokens = list(speculative_generate_step(target, draft, prompt, Sampler(greedy), args.max_tokens, k,
+                                                stats, spec))
+        return tokens, stats
+
+    rows = []
+    for text in PROMPTS:
+        prompt = tokenizer.encode(text)
+        plain(prompt[:8])  # warm-up: kernels repacked, caches allocated
+        timings = {"plain": []}
+        identical = True
+        spec_stats = {k: SpeculativeStats() for k in args.num_draft}
+        for _ in range(args.reps):
+            reference, stats = plain(prompt)
+            timings["plain"].append(stats.generation_tps)
+            for k in args.num_draft:
+                tokens, stats = speculative(prompt, k, spec_stats[k])
+                timings.setdefault(k, []).append(stats.generation_tps)
+                identical &= tokens == reference
+        rows.append((text.splitlines()[0][:40], timings, spec_stats, identical))
+        print(f"{text.splitlines()[0][:40]!r}: plain {statistics.median(timings['plain']):.1f} tok/s; " +
+              "; ".join(f"k={k}: {statistics.median(timings[k]):.1f} tok/s, acceptance "
+                        f"{spec_stats[k].acceptance:.0%}" for k in args.num_draft), file=sys.stderr)
+
+    print(f"\ntarget {args.target}, draft {args.draft}, {args.max_tokens} tokens, greedy, median of {args.reps}\n")
+    print("| prompt | plain tok/s | " + " | ".join(f"k={k} tok/s | speed-up | acceptance | mean accepted"
+                                                      for k in args.num_draft) + " | identical |")
+    print("|---|---|" + "---|---|---|---|" * len(args.num_draft) + "---|")
+    for name, timings, spec_stats, identical in rows:
+        base = statistics.median(timings["plain"])
+        cells = [f"{name!r}", f"{base:.1f} ({min(timings['plain']):.1f}-{max(timings['plain']):.1f})"]
+        for k in args.num_draft:
+            med = statistics.median(timings[k])
+            s = spec_stats[k]
+            cells += [f"{med:.1f} ({min(timings[k]):.1f}-{max(timings[k]):.1f})", f"{med / base:.2f}x",
+                      f"{s.acceptance:.0%}", f"{s.mean_accepted:.2f}"]
+        cells.append("yes" if identical else "NO")
+        print("| " + " | ".join(cells) + " |")
+    return 0 if all(r[3] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
