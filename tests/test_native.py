@@ -67,3 +67,20 @@ def test_decode_step_uses_it_and_falls_back_when_it_cannot(tmp_path):
         assert native_decoder(float_model) is None
     finally:
         float_model.clear_caches()
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen2"])
+def test_a_batch_of_tokens_is_bit_identical_to_single_steps(tmp_path, arch):
+    """Speculative verification scores k + 1 tokens at once; greedy output stays the target's only if
+    those logits are exactly what single steps give."""
+    model = quantized_tiny(tmp_path, arch)
+    tokens = [7, 3, 19, 4, 11, 8, 2, 5, 9, 13]  # 10 > the kernels' row block: the head is split too
+    model.setup_caches(40)
+    try:
+        prefill(model, [1, 2, 3, 4, 5, 6])
+        native = native_decoder(model)
+        batch = native.steps(tokens, 6)
+        singles = torch.stack([native.step(token, 6 + i) for i, token in enumerate(tokens)])
+    finally:
+        model.clear_caches()
+    assert torch.equal(batch, singles)

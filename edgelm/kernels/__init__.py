@@ -48,7 +48,7 @@ def _library() -> ctypes.CDLL | None:
     lib.ek_set_threads.argtypes = [ctypes.c_int]
     lib.ek_set_threads.restype = ctypes.c_int
     lib.ek_get_threads.restype = ctypes.c_int
-    lib.ek_decode_layers.argtypes = [p, p, p, i64]
+    lib.ek_decode_layers.argtypes = [p, p, p, i64, i64]
     lib.ek_decode_layers.restype = ctypes.c_int
     lib.ek_cpu_level.restype = ctypes.c_int
     lib.ek_limit_cpu_level.argtypes = [ctypes.c_int]

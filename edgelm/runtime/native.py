@@ -18,6 +18,7 @@ import ctypes
 import torch
 
 from edgelm import kernels
+from edgelm.compress.quant.modules import KERNEL_MAX_TOKENS
 from edgelm.kernels import _library, _Matrix
 from edgelm.models.base import KVCache, Transformer, rope_cos_sin
 
@@ -91,14 +92,22 @@ class NativeDecoder:
     @torch.inference_mode()
     def step(self, token: int, pos: int) -> torch.Tensor:
         """Next-token logits [vocab] after `token` at position `pos`."""
+        return self.steps([token], pos)[0]
+
+    @torch.inference_mode()
+    def steps(self, tokens: list[int], pos: int) -> torch.Tensor:
+        """Logits [T, vocab] after each of T consecutive tokens starting at position `pos` (speculative
+        verification). Every token's result is bit-identical to decoding it alone with `step`."""
         model = self.model
-        x = model.tok_embeddings(torch.tensor([[token]]))[0, 0].to(torch.float32).contiguous()
+        x = model.tok_embeddings(torch.tensor([tokens]))[0].to(torch.float32).contiguous()
         if model.embed_scale is not None:
             x.mul_(model.embed_scale)
-        status = self.lib.ek_decode_layers(ctypes.byref(self.args), self.layers, x.data_ptr(), pos)
+        status = self.lib.ek_decode_layers(ctypes.byref(self.args), self.layers, x.data_ptr(), pos, len(tokens))
         if status:
             raise RuntimeError(f"edgelm decode step failed with status {status} at position {pos}")
-        return model.logits(model.norm(x[None, None]))[0, -1]
+        normed = torch.stack([model.norm(row[None, None])[0, 0] for row in x])  # row by row, as `step` does
+        # The output matrix on the kernels too (a few rows at a time), so each row matches `step`'s.
+        return torch.cat([model.logits(part[None])[0] for part in normed.split(KERNEL_MAX_TOKENS)])
 
 
 def native_decoder(model: Transformer) -> NativeDecoder | None:

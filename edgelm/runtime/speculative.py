@@ -26,6 +26,7 @@ import torch
 from edgelm.errors import GenerationError
 from edgelm.models.base import Transformer
 from edgelm.runtime.generate import GenerationStats, decode_step, prefill
+from edgelm.runtime.native import native_decoder
 from edgelm.runtime.sampling import Sampler
 
 
@@ -99,8 +100,7 @@ def speculative_generate_step(target: Transformer, draft: Transformer, prompt: S
                 continue
             drafts, draft_probs = _draft(draft, sampler, draft_pending + [token], pos - len(draft_pending), k)
             # The target scores `token` and every draft in one batch: logits for k + 1 next positions.
-            batch = torch.tensor([[token, *drafts]])
-            target_logits = target(batch, torch.arange(pos, pos + k + 1))[0]
+            target_logits = _score(target, [token, *drafts], pos)
             emitted = _accept(sampler, drafts, draft_probs, target_logits)
             n_accepted = len(emitted) - 1
             spec.rounds += 1
@@ -121,12 +121,18 @@ def speculative_generate_step(target: Transformer, draft: Transformer, prompt: S
         draft.clear_caches()
 
 
+def _score(model: Transformer, tokens: list[int], pos: int) -> torch.Tensor:
+    """Logits [T, vocab] after each of `tokens` (from position pos), as plain decoding would compute them:
+    the compiled step's batches are bit-identical to its single steps, so greedy output cannot drift."""
+    native = native_decoder(model)
+    if native is not None:
+        return native.steps(tokens, pos)
+    return model(torch.tensor([tokens]), torch.arange(pos, pos + len(tokens)))[0]
+
+
 def _draft(draft: Transformer, sampler: Sampler, feed: list[int], pos: int, k: int) -> tuple[list[int], list[torch.Tensor]]:
     """k draft tokens and the draft distributions they were drawn from; `feed` starts at position pos."""
-    if len(feed) == 1:
-        logits = decode_step(draft, feed[0], pos)
-    else:
-        logits = draft(torch.tensor([feed]), torch.arange(pos, pos + len(feed)), logits_at=slice(-1, None))[0, -1]
+    logits = decode_step(draft, feed[0], pos) if len(feed) == 1 else _score(draft, feed, pos)[-1]
     pos += len(feed)
     recent = list(sampler.recent)
     tokens, probs = [], []

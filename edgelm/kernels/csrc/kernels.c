@@ -653,17 +653,22 @@ EK_CLONES static void gated_activation(float *out, const float *gate, const floa
     }
 }
 
-/* x [dim] -> W x with activations quantized here; several matrices may share one input (q/k/v, gate/up). */
-static int project(const ek_matrix *const *ms, float *const *outs, int n, const float *x, int64_t cols) {
-    int8_t *xq = malloc((size_t)cols);
-    float *dx = malloc(sizeof(float) * (size_t)(cols / 32)), *bsum = malloc(sizeof(float) * (size_t)(cols / 32));
+/* x [T][cols] -> W x for each matrix, outs[i] [T][rows_i]; activations quantized here, once for all the
+ * matrices that share them (q/k/v, gate/up). Token t's result does not depend on the other tokens. */
+static int project(const ek_matrix *const *ms, float *const *outs, int n, const float *x, int64_t n_tokens,
+                   int64_t cols) {
+    int8_t *xq = malloc((size_t)(n_tokens * cols));
+    float *dx = malloc(sizeof(float) * (size_t)(n_tokens * cols / 32));
+    float *bsum = malloc(sizeof(float) * (size_t)(n_tokens * cols / 32));
     prepared_act pa;
     int status = -2;
     if (xq && dx && bsum) {
-        ek_quantize_act(x, cols, xq, dx, bsum);
-        if (prepare_act(&pa, 1, cols, xq, dx, bsum) == 0) {
+        ek_quantize_act(x, n_tokens * cols, xq, dx, bsum);
+        if (prepare_act(&pa, n_tokens, cols, xq, dx, bsum) == 0) {
             status = 0;
-            status = matvec_stacked(ms, outs, n, &pa, 0, NULL);
+            for (int i = 0; i < n && status == 0; i++)  /* outputs are [T][rows]: one matrix at a time */
+                if (n_tokens > 1) status = matvec_stacked(&ms[i], &outs[i], 1, &pa, ms[i]->rows, NULL);
+            if (n_tokens == 1) status = matvec_stacked(ms, outs, n, &pa, 0, NULL);
             release_act(&pa);
         }
     }
@@ -676,25 +681,29 @@ static int project(const ek_matrix *const *ms, float *const *outs, int n, const 
 typedef struct {
     const ek_block_args *a;
     const ek_layer *L;
-    const float *q;
-    float *out;
-    int64_t pos, start;
+    const float *q;    /* [T][n_heads * head_dim] */
+    float *out;        /* [T][n_heads * head_dim] */
+    int64_t pos;       /* position of token 0 */
+    int64_t n_tokens;
 } attention_job;
 
-/* Heads in parallel: softmax(q k^T * scale) v over cache positions [start, pos]. */
+/* (token, head) pairs in parallel: softmax(q k^T * scale) v over the cache positions the token sees. */
 EK_CLONES static void attention_heads(void *ctx, int64_t begin, int64_t end) {
     const attention_job *job = ctx;
     const ek_block_args *a = job->a;
-    const int64_t hd = a->head_dim, group = a->n_heads / a->n_kv_heads, n = job->pos - job->start + 1;
-    float *scores = malloc(sizeof(float) * (size_t)n);
+    const int64_t hd = a->head_dim, group = a->n_heads / a->n_kv_heads, q_dim = (int64_t)a->n_heads * hd;
+    float *scores = malloc(sizeof(float) * (size_t)(job->pos + job->n_tokens));
     if (!scores) return;
-    for (int64_t h = begin; h < end; h++) {
-        const float *q = job->q + h * hd;
+    for (int64_t item = begin; item < end; item++) {
+        const int64_t t = item / a->n_heads, h = item % a->n_heads, pos = job->pos + t;
+        const int64_t start = job->L->window > 0 && pos - job->L->window + 1 > 0 ? pos - job->L->window + 1 : 0;
+        const int64_t n = pos - start + 1;
+        const float *q = job->q + t * q_dim + h * hd;
         const float *kc = job->L->k_cache + (h / group) * (int64_t)a->max_len * hd;
         const float *vc = job->L->v_cache + (h / group) * (int64_t)a->max_len * hd;
         float best = -INFINITY;
         for (int64_t j = 0; j < n; j++) {
-            scores[j] = dot_f32(q, kc + (job->start + j) * hd, hd) * a->attn_scale;
+            scores[j] = dot_f32(q, kc + (start + j) * hd, hd) * a->attn_scale;
             best = scores[j] > best ? scores[j] : best;
         }
         float total = 0.f;
@@ -702,68 +711,80 @@ EK_CLONES static void attention_heads(void *ctx, int64_t begin, int64_t end) {
             scores[j] = expf(scores[j] - best);
             total += scores[j];
         }
-        float *o = job->out + h * hd;
+        float *o = job->out + t * q_dim + h * hd;
         memset(o, 0, sizeof(float) * (size_t)hd);
         for (int64_t j = 0; j < n; j++) {
-            const float *v = vc + (job->start + j) * hd, p = scores[j] / total;
+            const float *v = vc + (start + j) * hd, p = scores[j] / total;
             for (int64_t i = 0; i < hd; i++) o[i] += p * v[i];
         }
     }
     free(scores);
 }
 
-/* Run hidden state x [dim] of the token at `pos` through every layer (the caches must hold positions
- * < pos); x is updated in place. Returns 0, or a negative status (bad matrix shape, out of memory). */
-EK_EXPORT int ek_decode_layers(const ek_block_args *a, const ek_layer *layers, float *x, int64_t pos) {
-    const int64_t dim = a->dim, hd = a->head_dim, q_dim = (int64_t)a->n_heads * hd, kv_dim = (int64_t)a->n_kv_heads * hd;
-    const int64_t hidden = a->hidden_dim, wide = q_dim > hidden ? q_dim : hidden;
-    float *h = malloc(sizeof(float) * (size_t)(dim > wide ? dim : wide));
-    float *q = malloc(sizeof(float) * (size_t)q_dim), *k = malloc(sizeof(float) * (size_t)kv_dim);
-    float *v = malloc(sizeof(float) * (size_t)kv_dim), *att = malloc(sizeof(float) * (size_t)q_dim);
-    float *gate = malloc(sizeof(float) * (size_t)hidden), *up = malloc(sizeof(float) * (size_t)hidden);
-    float *o = malloc(sizeof(float) * (size_t)dim);
+/* Run the hidden states x [T][dim] of T consecutive tokens at positions pos .. pos + T - 1 through every
+ * layer (the caches must hold the positions before pos); x is updated in place. Each token's arithmetic is
+ * the same whatever T is, so a batch (speculative verification) gives bit-identical results to one token at
+ * a time. Returns 0, or a negative status (bad matrix shape, out of memory, position out of range). */
+EK_EXPORT int ek_decode_layers(const ek_block_args *a, const ek_layer *layers, float *x, int64_t pos,
+                               int64_t n_tokens) {
+    const int64_t T = n_tokens, dim = a->dim, hd = a->head_dim;
+    const int64_t q_dim = (int64_t)a->n_heads * hd, kv_dim = (int64_t)a->n_kv_heads * hd, hidden = a->hidden_dim;
+    int64_t wide = q_dim > hidden ? q_dim : hidden;
+    wide = wide > dim ? wide : dim;
+    float *h = malloc(sizeof(float) * (size_t)(T * wide));
+    float *q = malloc(sizeof(float) * (size_t)(T * q_dim)), *k = malloc(sizeof(float) * (size_t)(T * kv_dim));
+    float *v = malloc(sizeof(float) * (size_t)(T * kv_dim)), *att = malloc(sizeof(float) * (size_t)(T * q_dim));
+    float *gate = malloc(sizeof(float) * (size_t)(T * hidden)), *up = malloc(sizeof(float) * (size_t)(T * hidden));
+    float *o = malloc(sizeof(float) * (size_t)(T * dim));
     int status = (h && q && k && v && att && gate && up && o) ? 0 : -2;
-    if (pos < 0 || pos >= a->max_len) status = -3;
+    if (T < 1 || pos < 0 || pos + T > a->max_len) status = -3;
     for (int32_t l = 0; l < a->n_layers && status == 0; l++) {
         const ek_layer *L = &layers[l];
         /* attention */
-        rms_norm(h, x, L->attn_norm, dim, a->norm_eps);
+        for (int64_t t = 0; t < T; t++) rms_norm(h + t * dim, x + t * dim, L->attn_norm, dim, a->norm_eps);
         const ek_matrix *qkv[3] = {&L->wq, &L->wk, &L->wv};
         float *qkv_out[3] = {q, k, v};
-        if ((status = project(qkv, qkv_out, 3, h, dim))) break;
-        if (L->bq) for (int64_t i = 0; i < q_dim; i++) q[i] += L->bq[i];
-        if (L->bk) for (int64_t i = 0; i < kv_dim; i++) k[i] += L->bk[i];
-        if (L->bv) for (int64_t i = 0; i < kv_dim; i++) v[i] += L->bv[i];
-        const float *cos_row = L->rope_cos + pos * (hd / 2), *sin_row = L->rope_sin + pos * (hd / 2);
-        for (int64_t head = 0; head < a->n_heads; head++) {
-            if (L->q_norm) rms_norm(q + head * hd, q + head * hd, L->q_norm, hd, a->norm_eps);
-            rope(q + head * hd, cos_row, sin_row, hd, a->rope_neox);
+        if ((status = project(qkv, qkv_out, 3, h, T, dim))) break;
+        for (int64_t t = 0; t < T; t++) {
+            float *qt = q + t * q_dim, *kt = k + t * kv_dim, *vt = v + t * kv_dim;
+            const int64_t p = pos + t;
+            if (L->bq) for (int64_t i = 0; i < q_dim; i++) qt[i] += L->bq[i];
+            if (L->bk) for (int64_t i = 0; i < kv_dim; i++) kt[i] += L->bk[i];
+            if (L->bv) for (int64_t i = 0; i < kv_dim; i++) vt[i] += L->bv[i];
+            const float *cos_row = L->rope_cos + p * (hd / 2), *sin_row = L->rope_sin + p * (hd / 2);
+            for (int64_t head = 0; head < a->n_heads; head++) {
+                if (L->q_norm) rms_norm(qt + head * hd, qt + head * hd, L->q_norm, hd, a->norm_eps);
+                rope(qt + head * hd, cos_row, sin_row, hd, a->rope_neox);
+            }
+            for (int64_t head = 0; head < a->n_kv_heads; head++) {
+                if (L->k_norm) rms_norm(kt + head * hd, kt + head * hd, L->k_norm, hd, a->norm_eps);
+                rope(kt + head * hd, cos_row, sin_row, hd, a->rope_neox);
+                memcpy(L->k_cache + (head * (int64_t)a->max_len + p) * hd, kt + head * hd, sizeof(float) * (size_t)hd);
+                memcpy(L->v_cache + (head * (int64_t)a->max_len + p) * hd, vt + head * hd, sizeof(float) * (size_t)hd);
+            }
         }
-        for (int64_t head = 0; head < a->n_kv_heads; head++) {
-            if (L->k_norm) rms_norm(k + head * hd, k + head * hd, L->k_norm, hd, a->norm_eps);
-            rope(k + head * hd, cos_row, sin_row, hd, a->rope_neox);
-            memcpy(L->k_cache + (head * (int64_t)a->max_len + pos) * hd, k + head * hd, sizeof(float) * (size_t)hd);
-            memcpy(L->v_cache + (head * (int64_t)a->max_len + pos) * hd, v + head * hd, sizeof(float) * (size_t)hd);
-        }
-        int64_t start = L->window > 0 && pos - L->window + 1 > 0 ? pos - L->window + 1 : 0;
-        attention_job aj = {a, L, q, att, pos, start};
-        parallel_for(a->n_heads, 1, attention_heads, &aj);
+        attention_job aj = {a, L, q, att, pos, T};
+        parallel_for(T * a->n_heads, 1, attention_heads, &aj);
         const ek_matrix *wo[1] = {&L->wo};
         float *o_out[1] = {o};
-        if ((status = project(wo, o_out, 1, att, q_dim))) break;
-        if (L->post_attn_norm) rms_norm(o, o, L->post_attn_norm, dim, a->norm_eps);
-        for (int64_t i = 0; i < dim; i++) x[i] += o[i];
+        if ((status = project(wo, o_out, 1, att, T, q_dim))) break;
+        for (int64_t t = 0; t < T; t++) {
+            if (L->post_attn_norm) rms_norm(o + t * dim, o + t * dim, L->post_attn_norm, dim, a->norm_eps);
+            for (int64_t i = 0; i < dim; i++) x[t * dim + i] += o[t * dim + i];
+        }
         /* feed-forward */
-        rms_norm(h, x, L->ffn_norm, dim, a->norm_eps);
+        for (int64_t t = 0; t < T; t++) rms_norm(h + t * dim, x + t * dim, L->ffn_norm, dim, a->norm_eps);
         const ek_matrix *gu[2] = {&L->w_gate, &L->w_up};
         float *gu_out[2] = {gate, up};
-        if ((status = project(gu, gu_out, 2, h, dim))) break;
-        gated_activation(h, gate, up, hidden, a->activation);
+        if ((status = project(gu, gu_out, 2, h, T, dim))) break;
+        gated_activation(h, gate, up, T * hidden, a->activation);
         const ek_matrix *down[1] = {&L->w_down};
         float *down_out[1] = {o};
-        if ((status = project(down, down_out, 1, h, hidden))) break;
-        if (L->post_ffn_norm) rms_norm(o, o, L->post_ffn_norm, dim, a->norm_eps);
-        for (int64_t i = 0; i < dim; i++) x[i] += o[i];
+        if ((status = project(down, down_out, 1, h, T, hidden))) break;
+        for (int64_t t = 0; t < T; t++) {
+            if (L->post_ffn_norm) rms_norm(o + t * dim, o + t * dim, L->post_ffn_norm, dim, a->norm_eps);
+            for (int64_t i = 0; i < dim; i++) x[t * dim + i] += o[t * dim + i];
+        }
     }
     free(h); free(q); free(k); free(v); free(att); free(gate); free(up); free(o);
     return status;
