@@ -356,37 +356,54 @@ EK_AVX512 static inline __m512 load_scales16(const uint16_t *sc, int64_t first, 
                                             _mm512_loadu_si512((const void *)(xq + (c) * 64))),              \
                         zbytes, _mm512_loadu_si512((const void *)(nxq + (c) * 64)))
 
-/* Group scale (per lane) x the activation blocks' dx, and the zero points as bytes, of chunk c. */
-#define EK_CHUNK_PARAMS(c, sv, zb)                                                                           \
+/* Group scale (per lane) and the zero points as bytes of chunk c: s_lanes (without the activations' dx). */
+#define EK_CHUNK_WEIGHT_PARAMS(c, s_lanes, zb)                                                               \
     do {                                                                                                     \
         if (m->group == 32) {                                                                                \
             if (((c) & 7) == 0) s16 = load_scales16(sc, 2 * (c), n_groups);                                  \
-            sv = _mm512_mul_ps(_mm512_load_ps(dxv + (c) * 16), pair_scales(s16, c));                         \
+            s_lanes = pair_scales(s16, c);                                                                   \
             zb = _mm512_mask_blend_epi8((__mmask64)0xFFFFFFFF00000000ULL, _mm512_set1_epi8((char)zr[2 * (c)]), \
                                         _mm512_set1_epi8((char)zr[2 * (c) + 1]));                             \
         } else {                                                                                             \
             const int64_t g_ = (c) >> chunk_shift;                                                           \
-            sv = _mm512_mul_ps(_mm512_load_ps(dxv + (c) * 16), _mm512_set1_ps(_cvtsh_ss(sc[g_])));           \
+            s_lanes = _mm512_set1_ps(_cvtsh_ss(sc[g_]));                                                     \
             zb = _mm512_set1_epi8((char)zr[g_]);                                                             \
         }                                                                                                    \
     } while (0)
 
-/* One row against one token: codes come from `codes_at(c)` (decoded in place or from a buffer). Two
+/* Scale (group scale x the activation blocks' dx, per lane) and zero bytes of chunk c, computed here. */
+#define EK_CHUNK_PARAMS(c, sv, zb)                                                                           \
+    do {                                                                                                     \
+        __m512 s_lanes_;                                                                                     \
+        EK_CHUNK_WEIGHT_PARAMS(c, s_lanes_, zb);                                                             \
+        sv = _mm512_mul_ps(_mm512_load_ps(dxv + (c) * 16), s_lanes_);                                        \
+    } while (0)
+
+/* The same from the row's precomputed weight parameters (several tokens share them). */
+#define EK_CHUNK_PARAMS_PRE(c, sv, zb)                                                                       \
+    do {                                                                                                     \
+        sv = _mm512_mul_ps(_mm512_load_ps(dxv + (c) * 16), row_scales[c]);                                   \
+        zb = row_zeros[c];                                                                                   \
+    } while (0)
+
+/* One row against one token: codes come from `codes_at(c)` (decoded in place or from a buffer), scales
+ * and zeros from `params`; the arithmetic is the same either way (batches match single tokens bit for bit). Two
  * accumulators, so consecutive chunks' fused multiply-adds do not wait on each other. */
-#define EK_ROW_DOT(codes_at, result)                                                                         \
+#define EK_ROW_DOT(codes_at, params, result)                                                                         \
     do {                                                                                                     \
         __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), s16 = _mm512_setzero_ps();           \
         __m512 sv0, sv1;                                                                                     \
         __m512i zb0, zb1;                                                                                    \
+        (void)s16; /* used only when the scales are converted here */                                        \
         int64_t c = 0;                                                                                       \
         for (; c + 1 < n_chunks; c += 2) {                                                                   \
-            EK_CHUNK_PARAMS(c, sv0, zb0);                                                                    \
-            EK_CHUNK_PARAMS(c + 1, sv1, zb1);                                                                \
+            params(c, sv0, zb0);                                                                    \
+            params(c + 1, sv1, zb1);                                                                \
             acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(EK_CHUNK_INT(codes_at(c), c, zb0)), sv0, acc0);        \
             acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(EK_CHUNK_INT(codes_at(c + 1), c + 1, zb1)), sv1, acc1); \
         }                                                                                                    \
         if (c < n_chunks) {                                                                                  \
-            EK_CHUNK_PARAMS(c, sv0, zb0);                                                                    \
+            params(c, sv0, zb0);                                                                    \
             acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(EK_CHUNK_INT(codes_at(c), c, zb0)), sv0, acc0);        \
         }                                                                                                    \
         result = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));                                            \
@@ -401,7 +418,8 @@ EK_AVX512 static inline __m512 load_scales16(const uint16_t *sc, int64_t first, 
         const int64_t T = job->base.n_tokens;                                                                \
         const int kbits = BITS;                                                                              \
         const int chunk_shift = m->group <= 64 ? 0 : __builtin_ctz((unsigned)m->group / 64); /* chunk->group */\
-        __m512i buffer[T > 1 ? n_chunks : 1];                                                                \
+        __m512i buffer[T > 1 ? n_chunks : 1], row_zeros[T > 1 ? n_chunks : 1];                               \
+        __m512 row_scales[T > 1 ? n_chunks : 1];                                                             \
         for (int64_t r = begin; r < end; r++) {                                                              \
             const uint8_t *q = m->q + r * row_bytes;                                                         \
             const uint16_t *sc = m->scales + r * n_groups;                                                   \
@@ -413,13 +431,17 @@ EK_AVX512 static inline __m512 load_scales16(const uint16_t *sc, int64_t first, 
                 const float *dxv = job->dxv;                                                                 \
                 for (int64_t off = 0; off < row_bytes; off += 64) /* far enough ahead to hide DRAM latency */\
                     _mm_prefetch((const char *)(q + EK_PREFETCH_BYTES + off), _MM_HINT_T0);                  \
-                EK_ROW_DOT(EK_DECODE_AT, *y);                                                                \
+                EK_ROW_DOT(EK_DECODE_AT, EK_CHUNK_PARAMS, *y);                                               \
             } else {                                                                                         \
-                for (int64_t c = 0; c < n_chunks; c++) buffer[c] = decode_chunk(q + c * BITS * 8, BITS);     \
+                __m512 s16 = _mm512_setzero_ps();                                                            \
+                for (int64_t c = 0; c < n_chunks; c++) {  /* decoded once for all the tokens */              \
+                    buffer[c] = decode_chunk(q + c * BITS * 8, BITS);                                        \
+                    EK_CHUNK_WEIGHT_PARAMS(c, row_scales[c], row_zeros[c]);                                  \
+                }                                                                                            \
                 for (int64_t t = 0; t < T; t++) {                                                            \
                     const int8_t *xq = job->base.xq + t * cols, *nxq = job->nxq + t * cols;                  \
                     const float *dxv = job->dxv + t * n_chunks * 16;                                         \
-                    EK_ROW_DOT(EK_BUFFER_AT, y[t * job->base.out_stride]);                                   \
+                    EK_ROW_DOT(EK_BUFFER_AT, EK_CHUNK_PARAMS_PRE, y[t * job->base.out_stride]);              \
                 }                                                                                            \
             }                                                                                                \
         }                                                                                                    \
