@@ -331,9 +331,13 @@ EK_AVX512 static inline __m512i decode_chunk(const uint8_t *p, const int bits) {
 
 typedef struct {
     matvec_job base;
-    const int8_t *nxq;  /* [T][cols]: -xq, so that one more vpdpbusd subtracts z * sum(xq) */
-    const float *dxv;   /* [T][n_chunks][16]: activation scales of a chunk's two blocks, lanes 0-7 and 8-15 */
 } avx512_job;
+
+/* The activation scales of chunk c's two blocks of 32, in lanes 0-7 and 8-15. (Built in registers from the
+ * per-block scales: a 16-float table per chunk would be streamed again for every row.) */
+EK_AVX512 static inline __m512 dx_lanes(const float *dx, int64_t c) {
+    return _mm512_insertf32x8(_mm512_set1_ps(dx[2 * c]), _mm256_set1_ps(dx[2 * c + 1]), 1);
+}
 
 /* Scales of a 32-wide-group row for chunk c (groups 2c and 2c + 1), from the 16 converted scales of chunks
  * 8k .. 8k + 7. */
@@ -352,9 +356,11 @@ EK_AVX512 static inline __m512 load_scales16(const uint16_t *sc, int64_t first, 
 /* Per lane: the integer dot of the chunk's codes with xq, minus the zero point times the lane's xq sum:
  * sum (code - z) * xq, i.e. the affine grid applied exactly in integers. */
 #define EK_CHUNK_INT(codes, c, zbytes)                                                                       \
-    _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), codes,                                   \
-                                            _mm512_loadu_si512((const void *)(xq + (c) * 64))),              \
-                        zbytes, _mm512_loadu_si512((const void *)(nxq + (c) * 64)))
+    ({                                                                                                       \
+        const __m512i x_ = _mm512_loadu_si512((const void *)(xq + (c) * 64));                                \
+        _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, x_), zbytes,                  \
+                            _mm512_sub_epi8(_mm512_setzero_si512(), x_)); /* |xq| <= 127: no overflow */     \
+    })
 
 /* Group scale (per lane) and the zero points as bytes of chunk c: s_lanes (without the activations' dx). */
 #define EK_CHUNK_WEIGHT_PARAMS(c, s_lanes, zb)                                                               \
@@ -376,13 +382,13 @@ EK_AVX512 static inline __m512 load_scales16(const uint16_t *sc, int64_t first, 
     do {                                                                                                     \
         __m512 s_lanes_;                                                                                     \
         EK_CHUNK_WEIGHT_PARAMS(c, s_lanes_, zb);                                                             \
-        sv = _mm512_mul_ps(_mm512_load_ps(dxv + (c) * 16), s_lanes_);                                        \
+        sv = _mm512_mul_ps(dx_lanes(dxb, c), s_lanes_);                                        \
     } while (0)
 
 /* The same from the row's precomputed weight parameters (several tokens share them). */
 #define EK_CHUNK_PARAMS_PRE(c, sv, zb)                                                                       \
     do {                                                                                                     \
-        sv = _mm512_mul_ps(_mm512_load_ps(dxv + (c) * 16), row_scales[c]);                                   \
+        sv = _mm512_mul_ps(dx_lanes(dxb, c), row_scales[c]);                                   \
         zb = row_zeros[c];                                                                                   \
     } while (0)
 
@@ -427,8 +433,8 @@ EK_AVX512 static inline __m512 load_scales16(const uint16_t *sc, int64_t first, 
             const int64_t out = job->base.out_index ? job->base.out_index[r] : r;                            \
             float *y = job->base.y + out;                                                                    \
             if (T == 1) {                                                                                    \
-                const int8_t *xq = job->base.xq, *nxq = job->nxq;                                            \
-                const float *dxv = job->dxv;                                                                 \
+                const int8_t *xq = job->base.xq;                                                             \
+                const float *dxb = job->base.dx;                                                             \
                 for (int64_t off = 0; off < row_bytes; off += 64) /* far enough ahead to hide DRAM latency */\
                     _mm_prefetch((const char *)(q + EK_PREFETCH_BYTES + off), _MM_HINT_T0);                  \
                 EK_ROW_DOT(EK_DECODE_AT, EK_CHUNK_PARAMS, *y);                                               \
@@ -439,8 +445,8 @@ EK_AVX512 static inline __m512 load_scales16(const uint16_t *sc, int64_t first, 
                     EK_CHUNK_WEIGHT_PARAMS(c, row_scales[c], row_zeros[c]);                                  \
                 }                                                                                            \
                 for (int64_t t = 0; t < T; t++) {                                                            \
-                    const int8_t *xq = job->base.xq + t * cols, *nxq = job->nxq + t * cols;                  \
-                    const float *dxv = job->dxv + t * n_chunks * 16;                                         \
+                    const int8_t *xq = job->base.xq + t * cols;                                              \
+                    const float *dxb = job->base.dx + t * (cols / 32);                                       \
                     EK_ROW_DOT(EK_BUFFER_AT, EK_CHUNK_PARAMS_PRE, y[t * job->base.out_stride]);              \
                 }                                                                                            \
             }                                                                                                \
@@ -472,38 +478,19 @@ typedef struct {
     int64_t n_tokens, cols;
     const int8_t *xq;
     const float *dx, *bsum;
-    int8_t *nxq;   /* owned */
-    float *dxv;    /* owned, 64-byte aligned */
 } prepared_act;
 
 static int prepare_act(prepared_act *pa, int64_t n_tokens, int64_t cols, const int8_t *xq, const float *dx,
                        const float *bsum) {
-    const int64_t n_blocks = cols / 32, n_chunks = cols / 64;
     pa->n_tokens = n_tokens;
     pa->cols = cols;
     pa->xq = xq;
     pa->dx = dx;
     pa->bsum = bsum;
-    pa->nxq = malloc((size_t)(n_tokens * cols));
-    /* Plain floats: an __m512 cannot cross from baseline-ISA functions into the AVX-512 ones. */
-    pa->dxv = aligned_alloc(64, sizeof(float) * 16 * (size_t)(n_tokens * n_chunks));
-    if (!pa->nxq || !pa->dxv) {
-        free(pa->nxq);
-        free(pa->dxv);
-        return -2;
-    }
-    for (int64_t i = 0; i < n_tokens * cols; i++) pa->nxq[i] = (int8_t)-xq[i];
-    for (int64_t t = 0; t < n_tokens; t++)
-        for (int64_t c = 0; c < n_chunks; c++)
-            for (int lane = 0; lane < 16; lane++)
-                pa->dxv[(t * n_chunks + c) * 16 + lane] = dx[t * n_blocks + 2 * c + (lane >= 8)];
     return 0;
 }
 
-static void release_act(prepared_act *pa) {
-    free(pa->nxq);
-    free(pa->dxv);
-}
+static void release_act(prepared_act *pa) { (void)pa; }
 
 static int supported(const ek_matrix *m, int64_t cols) {
     return m->cols == cols && m->cols % 64 == 0 && m->group % 32 == 0 && m->cols % m->group == 0 && m->bits >= 1 &&
@@ -517,7 +504,7 @@ static void matrix_rows(const ek_matrix *m, const prepared_act *pa, float *y, in
 #ifdef EK_X86
     /* The SIMD path needs groups of 32 or 64 x 2^k codes (a chunk -> group map by shifting). */
     if (ek_cpu_level() >= EK_AVX512_VNNI && (m->group == 32 || (m->group % 64 == 0 && !((m->group / 64) & (m->group / 64 - 1))))) {
-        avx512_job ajob = {job, pa->nxq, pa->dxv};
+        avx512_job ajob = {job};
         avx512_kernels[m->bits](&ajob, begin, end);
         return;
     }
