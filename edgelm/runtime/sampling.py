@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from edgelm.errors import GenerationError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,8 @@ class Sampler:
     """Stateful sampler: remembers recent tokens for the repetition penalty and owns its RNG."""
 
     def __init__(self, params: SamplingParams | None = None):
+        import torch  # here, not at module level: the CLI reads SamplingParams' defaults for --help
+
         self.params = params or SamplingParams()
         self.generator = torch.Generator()
         if self.params.seed is not None:
@@ -59,6 +63,8 @@ class Sampler:
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """The distribution the next token is drawn from (one-hot for greedy), over the full vocabulary."""
+        import torch
+
         logits = self.penalized(logits.float())
         p = self.params
         if p.greedy:
@@ -84,6 +90,8 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor) -> int:
         """Draw the next token from 1-D logits and record it."""
+        import torch
+
         if self.params.greedy:
             token = int(self.penalized(logits.float()).argmax())
         else:
@@ -92,6 +100,8 @@ class Sampler:
         return token
 
     def penalized(self, logits: torch.Tensor) -> torch.Tensor:
+        import torch
+
         penalty = self.params.repeat_penalty
         if penalty == 1.0 or not self.recent or self.params.repeat_last_n == 0:
             return logits
