@@ -17,10 +17,10 @@ from edgelm.kernels.layout import from_planes, planes, to_planes
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="kernels not built (no C compiler)")
 
 
-def packed(rows: int, cols: int, bits: int, group: int, seed: int = 0) -> PackedWeight:
+def packed(rows: int, cols: int, bits: int, group: int, seed: int = 0, symmetric: bool = False) -> PackedWeight:
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g)
-    scheme = QuantScheme(bits, group)
+    scheme = QuantScheme(bits, group, symmetric)
     scale, zero = compute_params(w, scheme)
     return PackedWeight.from_codes(quantize(w, scale, zero, scheme), scale, zero, scheme)
 
@@ -64,6 +64,18 @@ def test_matvec_matches_dequantized_reference(bits, group):
     # and the int8 activations cost little against the float product
     exact = x.double() @ weight.dequantize().double().T
     assert (km.matvec(qa).double() - exact).norm() / exact.norm() < 0.02
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [5, 8])
+def test_symmetric_grids_run_with_their_fixed_zero_point(bits):
+    """ggml's Q5_0 / Q8_0 grids (kept losslessly by the `source` step) are symmetric."""
+    weight = packed(40, 256, bits, 32, symmetric=True)
+    assert kernels.supports(weight.scheme, 256, weight.zeros.dtype)
+    qa = QuantizedActivations(torch.randn(2, 256, generator=torch.Generator().manual_seed(5)))
+    expected = reference(weight, qa)
+    got = KernelMatrix.from_packed(weight).matvec(qa).double()
+    assert (got - expected).abs().max() / expected.abs().max() < 1e-5
 
 
 @needs_kernels

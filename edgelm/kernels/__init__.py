@@ -94,8 +94,9 @@ def threads() -> int:
 def supports(scheme, in_features: int, zero_dtype: torch.dtype = torch.uint8) -> bool:
     """Whether a packed weight of this format can run on the kernels."""
     group = scheme.group_size or in_features
+    # Symmetric grids keep their fixed zero point in the zeros buffer too, so they run as they are.
     return (available() and in_features % CHUNK == 0 and group % 32 == 0 and in_features % group == 0
-            and 1 <= scheme.bits <= 8 and not scheme.symmetric and zero_dtype == torch.uint8)
+            and 1 <= scheme.bits <= 8 and zero_dtype == torch.uint8)
 
 
 class QuantizedActivations:
