@@ -4,6 +4,7 @@ SIMD and portable paths, threads, scattered outputs."""
 from __future__ import annotations
 
 import shutil
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -76,6 +77,27 @@ def test_symmetric_grids_run_with_their_fixed_zero_point(bits):
     expected = reference(weight, qa)
     got = KernelMatrix.from_packed(weight).matvec(qa).double()
     assert (got - expected).abs().max() / expected.abs().max() < 1e-5
+
+
+@needs_kernels
+@pytest.mark.parametrize("group", [32, 64])
+def test_fp16_zero_points_run_too(group):
+    """ggml Q4_K grids (kept by the `source` step) have fractional zero points, stored as fp16."""
+    g = torch.Generator().manual_seed(6)
+    codes = torch.randint(0, 16, (50, 256), dtype=torch.uint8, generator=g)
+    scale = torch.rand(50, 256 // group, generator=g) * 0.1 + 0.01
+    zero = torch.rand(50, 256 // group, generator=g) * 15
+    weight = PackedWeight.from_codes(codes, scale, zero, QuantScheme(4, group), zero_dtype=torch.float16)
+    assert kernels.supports(weight.scheme, 256, torch.float16)
+    km = KernelMatrix.from_packed(weight)
+    qa = QuantizedActivations(torch.randn(3, 256, generator=g))
+    expected = reference(weight, qa)
+    for path in (kernels.generic_path, None):
+        with path() if path else nullcontext():
+            got = km.matvec(qa).double()
+        assert (got - expected).abs().max() / expected.abs().max() < 1e-5
+        single = km.matvec(QuantizedActivations(torch.randn(3, 256, generator=torch.Generator().manual_seed(7))[:1]))
+        assert single.shape == (1, 50)
 
 
 @needs_kernels

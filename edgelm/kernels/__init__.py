@@ -29,7 +29,7 @@ LEVELS = {0: "generic C", 2: "AVX-512 VNNI"}
 class _Matrix(ctypes.Structure):
     _fields_ = [("rows", ctypes.c_int32), ("cols", ctypes.c_int32), ("bits", ctypes.c_int32),
                 ("group", ctypes.c_int32), ("q", ctypes.c_void_p), ("scales", ctypes.c_void_p),
-                ("zeros", ctypes.c_void_p)]
+                ("zeros", ctypes.c_void_p), ("zeros_f16", ctypes.c_void_p)]
 
 
 @lru_cache(maxsize=1)
@@ -94,9 +94,10 @@ def threads() -> int:
 def supports(scheme, in_features: int, zero_dtype: torch.dtype = torch.uint8) -> bool:
     """Whether a packed weight of this format can run on the kernels."""
     group = scheme.group_size or in_features
-    # Symmetric grids keep their fixed zero point in the zeros buffer too, so they run as they are.
+    # Symmetric grids keep their fixed zero point in the zeros buffer too, so they run as they are; fp16
+    # zero points (ggml Q4_K's mins) take a float zero-point term.
     return (available() and in_features % CHUNK == 0 and group % 32 == 0 and in_features % group == 0
-            and 1 <= scheme.bits <= 8 and zero_dtype == torch.uint8)
+            and 1 <= scheme.bits <= 8 and zero_dtype in (torch.uint8, torch.float16))
 
 
 class QuantizedActivations:
@@ -113,14 +114,16 @@ class QuantizedActivations:
 
 
 class KernelMatrix:
-    """A weight in the kernels' plane layout (codes, fp16 scales, uint8 zeros), row order preserved."""
+    """A weight in the kernels' plane layout (codes, fp16 scales, uint8 or fp16 zeros), row order preserved."""
 
     def __init__(self, planes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group: int,
                  cols: int):
         self.planes, self.scales, self.zeros = planes.contiguous(), scales.contiguous(), zeros.contiguous()
         self.rows, self.cols, self.bits, self.group = planes.shape[0], cols, bits, group
+        integer = self.zeros.dtype == torch.uint8
         self._struct = _Matrix(self.rows, cols, bits, group, self.planes.data_ptr(), self.scales.data_ptr(),
-                               self.zeros.data_ptr())
+                               self.zeros.data_ptr() if integer else None,
+                               None if integer else self.zeros.data_ptr())
 
     @classmethod
     def from_packed(cls, weight) -> KernelMatrix:
@@ -132,8 +135,8 @@ class KernelMatrix:
         for start in range(0, rows, ROW_BLOCK):  # a block at a time: no full-size temporaries
             planes[start:start + ROW_BLOCK] = to_planes(unpack(weight.packed[start:start + ROW_BLOCK], scheme.bits,
                                                                cols), scheme.bits)
-        return cls(planes, weight.scales.to(torch.float16), weight.zeros.to(torch.uint8), scheme.bits,
-                   scheme.group_size or cols, cols)
+        zeros = weight.zeros if weight.zeros.dtype == torch.float16 else weight.zeros.to(torch.uint8)
+        return cls(planes, weight.scales.to(torch.float16), zeros, scheme.bits, scheme.group_size or cols, cols)
 
     @property
     def nbytes(self) -> int:

@@ -34,7 +34,8 @@ typedef struct {
     int32_t rows, cols, bits, group;
     const uint8_t *q;        /* [rows][cols * bits / 8] in the plane layout */
     const uint16_t *scales;  /* [rows][cols / group] fp16 */
-    const uint8_t *zeros;    /* [rows][cols / group] */
+    const uint8_t *zeros;    /* [rows][cols / group] integer zero points, or NULL when: */
+    const uint16_t *zeros_f16;  /* [rows][cols / group] fp16 zero points (ggml's Q4_K mins), else NULL */
 } ek_matrix;
 
 /* ----------------------------------------------------------------------------------------------------- */
@@ -256,7 +257,8 @@ static void matvec_rows_generic(void *ctx, int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; r++) {
         const uint8_t *q = m->q + r * row_bytes;
         const uint16_t *sc = m->scales + r * n_groups;
-        const uint8_t *zr = m->zeros + r * n_groups;
+        const uint8_t *zr = m->zeros ? m->zeros + r * n_groups : NULL;
+        const uint16_t *zf = m->zeros_f16 ? m->zeros_f16 + r * n_groups : NULL;
         int64_t out = job->out_index ? job->out_index[r] : r;
         for (int64_t t = 0; t < job->n_tokens; t++) {
             const int8_t *xq = job->xq + t * cols;
@@ -274,7 +276,7 @@ static void matvec_rows_generic(void *ctx, int64_t begin, int64_t end) {
             for (int64_t g = 0; g < n_groups; g++) {
                 float gsum = 0.f;
                 for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; b++) gsum += bs[b];
-                acc -= half_to_float(sc[g]) * (float)zr[g] * gsum;
+                acc -= half_to_float(sc[g]) * (zr ? (float)zr[g] : half_to_float(zf[g])) * gsum;
             }
             job->y[t * job->out_stride + out] = acc;
         }
@@ -331,7 +333,21 @@ EK_AVX512 static inline __m512i decode_chunk(const uint8_t *p, const int bits) {
 
 typedef struct {
     matvec_job base;
+    const float *gsum;  /* [T][n_groups] activation sums per group, for fp16 zero points (else NULL) */
 } avx512_job;
+
+/* sum_g s_g * z_g * gsum_g: the zero-point term of a row whose zero points are fp16 (not integers). */
+EK_AVX512 static inline float zero_term_f16(const uint16_t *sc, const uint16_t *zf, const float *gsum,
+                                            int64_t n_groups) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t g = 0; g < n_groups; g += 16) {
+        __mmask16 k = n_groups - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n_groups - g)) - 1);
+        __m512 scale = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, sc + g));
+        __m512 zero = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, zf + g));
+        acc = _mm512_fmadd_ps(_mm512_mul_ps(scale, zero), _mm512_maskz_loadu_ps(k, gsum + g), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
 
 /* The activation scales of chunk c's two blocks of 32, in lanes 0-7 and 8-15. (Built in registers from the
  * per-block scales: a 16-float table per chunk would be streamed again for every row.) */
@@ -368,12 +384,13 @@ EK_AVX512 static inline __m512 load_scales16(const uint16_t *sc, int64_t first, 
         if (m->group == 32) {                                                                                \
             if (((c) & 7) == 0) s16 = load_scales16(sc, 2 * (c), n_groups);                                  \
             s_lanes = pair_scales(s16, c);                                                                   \
-            zb = _mm512_mask_blend_epi8((__mmask64)0xFFFFFFFF00000000ULL, _mm512_set1_epi8((char)zr[2 * (c)]), \
-                                        _mm512_set1_epi8((char)zr[2 * (c) + 1]));                             \
+            zb = !zr ? _mm512_setzero_si512()                                                                \
+                     : _mm512_mask_blend_epi8((__mmask64)0xFFFFFFFF00000000ULL, _mm512_set1_epi8((char)zr[2 * (c)]), \
+                                              _mm512_set1_epi8((char)zr[2 * (c) + 1]));                       \
         } else {                                                                                             \
             const int64_t g_ = (c) >> chunk_shift;                                                           \
             s_lanes = _mm512_set1_ps(_cvtsh_ss(sc[g_]));                                                     \
-            zb = _mm512_set1_epi8((char)zr[g_]);                                                             \
+            zb = zr ? _mm512_set1_epi8((char)zr[g_]) : _mm512_setzero_si512();                               \
         }                                                                                                    \
     } while (0)
 
@@ -429,7 +446,8 @@ EK_AVX512 static inline __m512 load_scales16(const uint16_t *sc, int64_t first, 
         for (int64_t r = begin; r < end; r++) {                                                              \
             const uint8_t *q = m->q + r * row_bytes;                                                         \
             const uint16_t *sc = m->scales + r * n_groups;                                                   \
-            const uint8_t *zr = m->zeros + r * n_groups;                                                     \
+            const uint8_t *zr = m->zeros ? m->zeros + r * n_groups : NULL;                                   \
+            const uint16_t *zf = m->zeros_f16 ? m->zeros_f16 + r * n_groups : NULL;                          \
             const int64_t out = job->base.out_index ? job->base.out_index[r] : r;                            \
             float *y = job->base.y + out;                                                                    \
             if (T == 1) {                                                                                    \
@@ -438,6 +456,7 @@ EK_AVX512 static inline __m512 load_scales16(const uint16_t *sc, int64_t first, 
                 for (int64_t off = 0; off < row_bytes; off += 64) /* far enough ahead to hide DRAM latency */\
                     _mm_prefetch((const char *)(q + EK_PREFETCH_BYTES + off), _MM_HINT_T0);                  \
                 EK_ROW_DOT(EK_DECODE_AT, EK_CHUNK_PARAMS, *y);                                               \
+                if (zf) *y -= zero_term_f16(sc, zf, job->gsum, n_groups);                                    \
             } else {                                                                                         \
                 __m512 s16 = _mm512_setzero_ps();                                                            \
                 for (int64_t c = 0; c < n_chunks; c++) {  /* decoded once for all the tokens */              \
@@ -448,6 +467,7 @@ EK_AVX512 static inline __m512 load_scales16(const uint16_t *sc, int64_t first, 
                     const int8_t *xq = job->base.xq + t * cols;                                              \
                     const float *dxb = job->base.dx + t * (cols / 32);                                       \
                     EK_ROW_DOT(EK_BUFFER_AT, EK_CHUNK_PARAMS_PRE, y[t * job->base.out_stride]);              \
+                    if (zf) y[t * job->base.out_stride] -= zero_term_f16(sc, zf, job->gsum + t * n_groups, n_groups); \
                 }                                                                                            \
             }                                                                                                \
         }                                                                                                    \
@@ -504,7 +524,16 @@ static void matrix_rows(const ek_matrix *m, const prepared_act *pa, float *y, in
 #ifdef EK_X86
     /* The SIMD path needs groups of 32 or 64 x 2^k codes (a chunk -> group map by shifting). */
     if (ek_cpu_level() >= EK_AVX512_VNNI && (m->group == 32 || (m->group % 64 == 0 && !((m->group / 64) & (m->group / 64 - 1))))) {
-        avx512_job ajob = {job};
+        const int64_t n_groups = m->cols / m->group, bpg = m->group / 32, n_blocks = m->cols / 32;
+        float gsum[m->zeros_f16 ? pa->n_tokens * n_groups : 1];
+        if (m->zeros_f16)
+            for (int64_t t = 0; t < pa->n_tokens; t++)
+                for (int64_t g = 0; g < n_groups; g++) {
+                    float total = 0.f;
+                    for (int64_t b = g * bpg; b < (g + 1) * bpg; b++) total += pa->bsum[t * n_blocks + b];
+                    gsum[t * n_groups + g] = total;
+                }
+        avx512_job ajob = {job, m->zeros_f16 ? gsum : NULL};
         avx512_kernels[m->bits](&ajob, begin, end);
         return;
     }
