@@ -49,7 +49,7 @@ def test_plane_layout_round_trips_and_costs_exactly_b_bits(bits):
 
 @needs_kernels
 @pytest.mark.parametrize("bits", range(1, 9))
-@pytest.mark.parametrize("group", [32, 64, 128, 256])
+@pytest.mark.parametrize("group", [16, 32, 64, 128, 256])
 def test_matvec_matches_dequantized_reference(bits, group):
     weight = packed(70, 512, bits, group, seed=bits * 1000 + group)
     x = torch.randn(3, 512, generator=torch.Generator().manual_seed(1))
@@ -101,7 +101,7 @@ def test_fp16_zero_points_run_too(group):
 
 
 @needs_kernels
-@pytest.mark.parametrize("bits,group", [(4, 32), (3, 128), (8, 64)])
+@pytest.mark.parametrize("bits,group", [(4, 32), (3, 128), (8, 64), (6, 16)])
 def test_portable_path_agrees_with_simd_path(bits, group):
     weight = packed(33, 640, bits, group)
     km = KernelMatrix.from_packed(weight)

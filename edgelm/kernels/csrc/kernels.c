@@ -6,7 +6,8 @@
  *   crumb plane  (16 B): byte j = codes j, j+16, j+32, j+48 at bits 0, 2, 4, 6
  *   bit plane     (8 B): bit i of a little-endian uint64 = code i
  * so that a whole chunk decodes to 64 unsigned bytes with a few shifts and masks in registers. Every group
- * of `group` codes (a multiple of 32) has an fp16 scale s and a uint8 zero point z: w = s * (code - z).
+ * of `group` codes (16, or a multiple of 32) has an fp16 scale s and a zero point z (uint8, or fp16 for
+ * ggml Q4_K's mins): w = s * (code - z).
  *
  * Activations are quantized on the fly to int8 in blocks of 32 (scale dx per block, as llama.cpp's Q8_0),
  * and y_r = sum_g s_g * (sum_b dx_b * <codes, xq>_b - z_g * sum_{j in g} x_j). The integer dot products
@@ -252,7 +253,7 @@ static void matvec_rows_generic(void *ctx, int64_t begin, int64_t end) {
     const matvec_job *job = ctx;
     const ek_matrix *m = job->m;
     const int64_t cols = m->cols, n_chunks = cols / 64, n_groups = cols / m->group, row_bytes = cols * m->bits / 8;
-    const int64_t n_blocks = cols / 32, blocks_per_group = m->group / 32;
+    const int64_t n_blocks = cols / 32, sub = m->group < 32 ? m->group : 32; /* codes sharing a scale and a dx */
     uint8_t codes[64];
     for (int64_t r = begin; r < end; r++) {
         const uint8_t *q = m->q + r * row_bytes;
@@ -262,21 +263,20 @@ static void matvec_rows_generic(void *ctx, int64_t begin, int64_t end) {
         int64_t out = job->out_index ? job->out_index[r] : r;
         for (int64_t t = 0; t < job->n_tokens; t++) {
             const int8_t *xq = job->xq + t * cols;
-            const float *dx = job->dx + t * n_blocks, *bs = job->bsum + t * n_blocks;
+            const float *dx = job->dx + t * n_blocks;
             float acc = 0.f;
             for (int64_t c = 0; c < n_chunks; c++) {
                 decode_chunk_generic(q + c * m->bits * 8, m->bits, codes);
-                for (int half = 0; half < 2; half++) {
-                    int64_t b = 2 * c + half;
-                    int32_t dot = 0;
-                    for (int j = 0; j < 32; j++) dot += (int32_t)codes[half * 32 + j] * xq[b * 32 + j];
-                    acc += half_to_float(sc[b / blocks_per_group]) * dx[b] * (float)dot;
+                for (int64_t j0 = 0; j0 < 64; j0 += sub) {
+                    const int64_t col = c * 64 + j0, g = col / m->group;
+                    int32_t dot = 0, xsum = 0;
+                    for (int64_t j = 0; j < sub; j++) {
+                        dot += (int32_t)codes[j0 + j] * xq[col + j];
+                        xsum += xq[col + j];
+                    }
+                    const float zero = zr ? (float)zr[g] : half_to_float(zf[g]);
+                    acc += half_to_float(sc[g]) * dx[col / 32] * ((float)dot - zero * (float)xsum);
                 }
-            }
-            for (int64_t g = 0; g < n_groups; g++) {
-                float gsum = 0.f;
-                for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; b++) gsum += bs[b];
-                acc -= half_to_float(sc[g]) * (zr ? (float)zr[g] : half_to_float(zf[g])) * gsum;
             }
             job->y[t * job->out_stride + out] = acc;
         }
@@ -363,6 +363,20 @@ EK_AVX512 static inline __m512 pair_scales(__m512 scales16, int64_t c) {
     return _mm512_permutexvar_ps(idx, scales16);
 }
 
+/* Group-16 rows: lanes 4j .. 4j + 3 of chunk c take the scale of group 4c + j. */
+EK_AVX512 static inline __m512 quad_scales(__m512 scales16, int64_t c) {
+    const int base = 4 * (int)(c & 3);
+    __m512i idx = _mm512_set_epi32(base + 3, base + 3, base + 3, base + 3, base + 2, base + 2, base + 2, base + 2,
+                                   base + 1, base + 1, base + 1, base + 1, base, base, base, base);
+    return _mm512_permutexvar_ps(idx, scales16);
+}
+
+/* Byte index that spreads the four zero points of a chunk over its four 16-byte lanes. */
+EK_AVX512 static inline __m512i quad_zero_index(void) {
+    return _mm512_set_epi32(0x03030303, 0x03030303, 0x03030303, 0x03030303, 0x02020202, 0x02020202, 0x02020202,
+                            0x02020202, 0x01010101, 0x01010101, 0x01010101, 0x01010101, 0, 0, 0, 0);
+}
+
 EK_AVX512 static inline __m512 load_scales16(const uint16_t *sc, int64_t first, int64_t n_groups) {
     int64_t left = n_groups - first;
     __mmask16 k = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
@@ -381,7 +395,13 @@ EK_AVX512 static inline __m512 load_scales16(const uint16_t *sc, int64_t first, 
 /* Group scale (per lane) and the zero points as bytes of chunk c: s_lanes (without the activations' dx). */
 #define EK_CHUNK_WEIGHT_PARAMS(c, s_lanes, zb)                                                               \
     do {                                                                                                     \
-        if (m->group == 32) {                                                                                \
+        if (m->group == 16) { /* ggml Q6_K: four groups per chunk, four lanes (16 codes) each */             \
+            if (((c) & 3) == 0) s16 = load_scales16(sc, 4 * (c), n_groups);                                  \
+            s_lanes = quad_scales(s16, c);                                                                   \
+            uint32_t z4_;                                                                                    \
+            memcpy(&z4_, zr + 4 * (c), 4);                                                                   \
+            zb = _mm512_shuffle_epi8(_mm512_set1_epi32((int)z4_), quad_zero_index());                        \
+        } else if (m->group == 32) {                                                                         \
             if (((c) & 7) == 0) s16 = load_scales16(sc, 2 * (c), n_groups);                                  \
             s_lanes = pair_scales(s16, c);                                                                   \
             zb = !zr ? _mm512_setzero_si512()                                                                \
@@ -513,8 +533,8 @@ static int prepare_act(prepared_act *pa, int64_t n_tokens, int64_t cols, const i
 static void release_act(prepared_act *pa) { (void)pa; }
 
 static int supported(const ek_matrix *m, int64_t cols) {
-    return m->cols == cols && m->cols % 64 == 0 && m->group % 32 == 0 && m->cols % m->group == 0 && m->bits >= 1 &&
-           m->bits <= 8;
+    return m->cols == cols && m->cols % 64 == 0 && (m->group % 32 == 0 || (m->group == 16 && m->zeros)) &&
+           m->cols % m->group == 0 && m->bits >= 1 && m->bits <= 8;
 }
 
 /* Rows [begin, end) of one matrix against prepared activations, on the best path for this CPU. */
@@ -523,7 +543,8 @@ static void matrix_rows(const ek_matrix *m, const prepared_act *pa, float *y, in
     matvec_job job = {m, pa->xq, pa->dx, pa->bsum, y, out_index, pa->n_tokens, out_stride};
 #ifdef EK_X86
     /* The SIMD path needs groups of 32 or 64 x 2^k codes (a chunk -> group map by shifting). */
-    if (ek_cpu_level() >= EK_AVX512_VNNI && (m->group == 32 || (m->group % 64 == 0 && !((m->group / 64) & (m->group / 64 - 1))))) {
+    if (ek_cpu_level() >= EK_AVX512_VNNI && (m->group == 16 || m->group == 32 ||
+                                             (m->group % 64 == 0 && !((m->group / 64) & (m->group / 64 - 1))))) {
         const int64_t n_groups = m->cols / m->group, bpg = m->group / 32, n_blocks = m->cols / 32;
         float gsum[m->zeros_f16 ? pa->n_tokens * n_groups : 1];
         if (m->zeros_f16)
