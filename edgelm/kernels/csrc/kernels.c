@@ -98,8 +98,9 @@ static inline void cpu_relax(void) {
 }
 
 static void *worker_main(void *arg) {
-    (void)arg;
-    int seen = atomic_load(&pool.generation);
+    /* The generation when this worker was created (not when it first runs): a job posted in between is
+     * then still seen as new, instead of being waited for forever. */
+    int seen = (int)(intptr_t)arg;
     for (;;) {
         /* Spin a little (the next matrix of a decode step comes within microseconds), then sleep. */
         int spins = 0;
@@ -126,7 +127,8 @@ EK_EXPORT int ek_set_threads(int n) {
     if (n > EK_MAX_THREADS) n = EK_MAX_THREADS;
     /* Workers are started once and kept; asking for fewer later just leaves some idle (asleep). */
     while (pool.started < n - 1) {
-        if (pthread_create(&pool.workers[pool.started], NULL, worker_main, NULL) != 0) break;
+        void *created_at = (void *)(intptr_t)atomic_load(&pool.generation);
+        if (pthread_create(&pool.workers[pool.started], NULL, worker_main, created_at) != 0) break;
         pthread_detach(pool.workers[pool.started]);
         pool.started++;
     }
