@@ -285,6 +285,9 @@ class Transformer(nn.Module):
                 layer.attn.kv_cache = KVCache(batch, self.args.n_kv_heads, max_len, self.args.head_dim, dtype)
         self.cache_len = max_len
         self.__dict__.pop("_native_decoder", None)  # the compiled step (runtime/native.py) held older caches
+        threads = self.__dict__.pop("_torch_threads", None)  # set aside while the compiled step decoded
+        if threads is not None:
+            torch.set_num_threads(threads)
 
     def set_kv_bits(self, bits: int | None) -> None:
         """Quantize the KV cache to 8 or 4 bits from now on (None: float cache)."""
@@ -299,6 +302,9 @@ class Transformer(nn.Module):
             layer.attn.kv_cache = None
         self.cache_len = 0
         self.__dict__.pop("_native_decoder", None)  # the compiled step (runtime/native.py) held these caches
+        threads = self.__dict__.pop("_torch_threads", None)  # set aside while the compiled step decoded
+        if threads is not None:
+            torch.set_num_threads(threads)
 
     # -- forward ----------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,

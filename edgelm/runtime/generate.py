@@ -15,7 +15,7 @@ import torch
 
 from edgelm.errors import GenerationError
 from edgelm.models.base import Transformer
-from edgelm.runtime.native import native_decoder
+from edgelm.runtime.native import native_decoder, restore_torch_threads
 from edgelm.runtime.sampling import Sampler, SamplingParams
 
 PREFILL_CHUNK = 512  # bounds the attention scratch memory of long prompts
@@ -27,6 +27,7 @@ def prefill(model: Transformer, tokens: Sequence[int], start_pos: int = 0,
     """Run the prompt through the model (KV caches must be set up); logits of its last position."""
     if not tokens:
         raise GenerationError("the prompt is empty: give at least one token (models that add BOS do so)")
+    restore_torch_threads(model)  # batched matmuls want every thread again
     ids = torch.tensor(tokens, dtype=torch.long)
     logits = None
     for begin in range(0, len(tokens), chunk):

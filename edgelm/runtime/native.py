@@ -99,6 +99,7 @@ class NativeDecoder:
         """Logits [T, vocab] after each of T consecutive tokens starting at position `pos` (speculative
         verification). Every token's result is bit-identical to decoding it alone with `step`."""
         model = self.model
+        single_threaded_torch(model)
         x = model.tok_embeddings(torch.tensor([tokens]))[0].to(torch.float32).contiguous()
         if model.embed_scale is not None:
             x.mul_(model.embed_scale)
@@ -108,6 +109,21 @@ class NativeDecoder:
         normed = torch.stack([model.norm(row[None, None])[0, 0] for row in x])  # row by row, as `step` does
         # The output matrix on the kernels too (a few rows at a time), so each row matches `step`'s.
         return torch.cat([model.logits(part[None])[0] for part in normed.split(KERNEL_MAX_TOKENS)])
+
+
+def single_threaded_torch(model: Transformer) -> None:
+    """PyTorch on one thread while the compiled step decodes: its OpenMP threads spin after every parallel
+    operation (the sampler's argmax over the vocabulary is one) and take the cores from the kernels' own
+    threads (gemma-3-270m: 52 -> 97 tok/s). `restore_torch_threads` (prefill, new caches) undoes it."""
+    if "_torch_threads" not in model.__dict__:
+        model.__dict__["_torch_threads"] = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+
+def restore_torch_threads(model: Transformer) -> None:
+    threads = model.__dict__.pop("_torch_threads", None)
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def native_decoder(model: Transformer) -> NativeDecoder | None:
