@@ -95,7 +95,11 @@ def test_mixed_precision_keeps_source_grids_and_tiers_the_embedding(tmp_path):
 
 
 @pytest.mark.slow
-def test_real_gemma_keeps_its_q4_k_m_grids_losslessly(gemma_path):
+def test_real_gemma_keeps_its_q4_k_m_grids_losslessly(gemma_path, monkeypatch):
+    from edgelm.compress.quant import modules
+
+    # The weights are what is lossless: compare on the float path, not the kernels' int8 activations.
+    monkeypatch.setattr(modules, "KERNEL_MAX_TOKENS", 0)
     model, _ = edgelm.load(gemma_path)
     ids = torch.randint(3, 30000, (1, 48), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
