@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 PROMPTS = [
     "def quicksort(arr):\n    \"\"\"Sort a list with quicksort.\"\"\"\n",

@@ -73,6 +73,7 @@ def test_accept_reject_yields_the_target_distribution():
 
 def test_bad_settings_are_refused(pair, tmp_path):
     target, _ = edgelm.load(str(pair[0]))
+    assert list(speculative_generate_step(target, target, [1, 2], max_tokens=0)) == []  # as generate_step
     with pytest.raises(GenerationError, match="num-draft"):
         list(speculative_generate_step(target, target, [1, 2], num_draft=0))
     other = write_tiny_model(tmp_path / "gemma.gguf", TinyConfig(arch="gemma3"))

@@ -31,7 +31,7 @@ def add_threads_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    from edgelm.runtime.sampling import SamplingParams
+    from edgelm.runtime.sampling_params import SamplingParams
 
     d = SamplingParams()
     parser.add_argument("-n", "--max-tokens", type=int, default=256, help="tokens to generate (default: 256)")
@@ -55,7 +55,7 @@ def add_kv_bits_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def sampling_params(args: argparse.Namespace):
-    from edgelm.runtime.sampling import SamplingParams
+    from edgelm.runtime.sampling_params import SamplingParams
 
     return SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                           repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed)

@@ -5,9 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgelm.commands.common import (add_kv_bits_argument, add_model_argument, add_precision_argument,
-                                    add_sampling_arguments, add_threads_argument, load_model, sampling_params,
-                                    set_threads)
+from edgelm.commands.common import (
+    add_kv_bits_argument,
+    add_model_argument,
+    add_precision_argument,
+    add_sampling_arguments,
+    add_threads_argument,
+    load_model,
+    sampling_params,
+    set_threads,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,11 +73,8 @@ def load_draft(args: argparse.Namespace, model):
     if args.draft is None:
         return None
     import edgelm
-    from edgelm.errors import EdgelmError
     from edgelm.runtime.speculative import check_draft
 
-    if args.num_draft < 1:
-        raise EdgelmError(f"--num-draft must be >= 1, got {args.num_draft}")
     if args.draft.isdigit():
         draft, _ = edgelm.load(args.model, bits=int(args.draft))
     else:

@@ -142,7 +142,6 @@ class SharedGram:
         stat.add_gram(self._last[1], x.shape[0])
 
 
-
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
 

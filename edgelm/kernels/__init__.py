@@ -94,9 +94,8 @@ def threads() -> int:
 def supports(scheme, in_features: int, zero_dtype: torch.dtype = torch.uint8) -> bool:
     """Whether a packed weight of this format can run on the kernels."""
     group = scheme.group_size or in_features
-    # Symmetric grids keep their fixed zero point in the zeros buffer too, so they run as they are; fp16
-    # zero points (ggml Q4_K's mins) take a float zero-point term.
-    # Groups of 16 (ggml Q6_K) with integer zero points.
+    # Symmetric grids keep their fixed zero point in the zeros buffer, so they run as they are; fp16 zero
+    # points (ggml Q4_K's mins) take a float zero-point term; groups of 16 (ggml Q6_K) need integer ones.
     grouping = group % 32 == 0 or (group == 16 and zero_dtype == torch.uint8)
     return (available() and in_features % CHUNK == 0 and grouping and in_features % group == 0
             and 1 <= scheme.bits <= 8 and zero_dtype in (torch.uint8, torch.float16))

@@ -284,10 +284,7 @@ class Transformer(nn.Module):
             else:
                 layer.attn.kv_cache = KVCache(batch, self.args.n_kv_heads, max_len, self.args.head_dim, dtype)
         self.cache_len = max_len
-        self.__dict__.pop("_native_decoder", None)  # the compiled step (runtime/native.py) held older caches
-        threads = self.__dict__.pop("_torch_threads", None)  # set aside while the compiled step decoded
-        if threads is not None:
-            torch.set_num_threads(threads)
+        self._release_compiled_step()
 
     def set_kv_bits(self, bits: int | None) -> None:
         """Quantize the KV cache to 8 or 4 bits from now on (None: float cache)."""
@@ -297,14 +294,22 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attn.kv_quant = scheme
 
+    def _release_compiled_step(self) -> None:
+        """Forget the compiled decode step (runtime/native.py) built for the caches being replaced."""
+        self.__dict__.pop("_native_decoder", None)
+        self.restore_torch_threads()
+
+    def restore_torch_threads(self) -> None:
+        """PyTorch's thread count as it was before the compiled step decoded (it runs PyTorch on one)."""
+        threads = self.__dict__.pop("_torch_threads", None)
+        if threads is not None:
+            torch.set_num_threads(threads)
+
     def clear_caches(self) -> None:
         for layer in self.layers:
             layer.attn.kv_cache = None
         self.cache_len = 0
-        self.__dict__.pop("_native_decoder", None)  # the compiled step (runtime/native.py) held these caches
-        threads = self.__dict__.pop("_torch_threads", None)  # set aside while the compiled step decoded
-        if threads is not None:
-            torch.set_num_threads(threads)
+        self._release_compiled_step()
 
     # -- forward ----------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,

@@ -15,7 +15,7 @@ import torch
 
 from edgelm.errors import GenerationError
 from edgelm.models.base import Transformer
-from edgelm.runtime.native import native_decoder, restore_torch_threads
+from edgelm.runtime.native import native_decoder
 from edgelm.runtime.sampling import Sampler, SamplingParams
 
 PREFILL_CHUNK = 512  # bounds the attention scratch memory of long prompts
@@ -27,7 +27,7 @@ def prefill(model: Transformer, tokens: Sequence[int], start_pos: int = 0,
     """Run the prompt through the model (KV caches must be set up); logits of its last position."""
     if not tokens:
         raise GenerationError("the prompt is empty: give at least one token (models that add BOS do so)")
-    restore_torch_threads(model)  # batched matmuls want every thread again
+    model.restore_torch_threads()  # batched matmuls want every thread again
     ids = torch.tensor(tokens, dtype=torch.long)
     logits = None
     for begin in range(0, len(tokens), chunk):
@@ -46,17 +46,21 @@ def decode_step(model: Transformer, token: int, pos: int) -> torch.Tensor:
     return model(torch.tensor([[token]]), torch.tensor([pos]))[0, -1]
 
 
+def check_lengths(prompt_tokens: int, max_tokens: int, context: int) -> None:
+    if max_tokens < 0:
+        raise GenerationError(f"max_tokens must be >= 0, got {max_tokens}")
+    if prompt_tokens + max_tokens > context:
+        raise GenerationError(f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the "
+                              f"model's context of {context}; shorten the prompt or lower max_tokens")
+
+
 def generate_step(model: Transformer, prompt: Sequence[int], sampler: Sampler | None = None,
                   max_tokens: int = 256, stats: GenerationStats | None = None) -> Iterator[int]:
     """Yield generated token ids, one per step, until max_tokens (the caller stops at EOS)."""
-    if max_tokens < 0:
-        raise GenerationError(f"max_tokens must be >= 0, got {max_tokens}")
+    check_lengths(len(prompt), max_tokens, model.args.max_context)
     sampler = sampler or Sampler()
     stats = stats if stats is not None else GenerationStats()
     total = len(prompt) + max_tokens
-    if total > model.args.max_context:
-        raise GenerationError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the "
-                              f"model's context of {model.args.max_context}; shorten the prompt or lower max_tokens")
     for token in prompt:
         sampler.accept(token)
     model.setup_caches(total)

@@ -114,24 +114,16 @@ class NativeDecoder:
 def single_threaded_torch(model: Transformer) -> None:
     """PyTorch on one thread while the compiled step decodes: its OpenMP threads spin after every parallel
     operation (the sampler's argmax over the vocabulary is one) and take the cores from the kernels' own
-    threads (gemma-3-270m: 52 -> 97 tok/s). `restore_torch_threads` (prefill, new caches) undoes it."""
+    threads (gemma-3-270m: 52 -> 97 tok/s). `Transformer.restore_torch_threads` (prefill, new caches)
+    undoes it."""
     if "_torch_threads" not in model.__dict__:
         model.__dict__["_torch_threads"] = torch.get_num_threads()
         torch.set_num_threads(1)
 
 
-def restore_torch_threads(model: Transformer) -> None:
-    threads = model.__dict__.pop("_torch_threads", None)
-    if threads is not None:
-        torch.set_num_threads(threads)
-
-
 def native_decoder(model: Transformer) -> NativeDecoder | None:
     """The model's compiled decode step for its current caches, or None when it must decode eagerly."""
     if not model.cache_len or not kernels.available():
-        return None
-    cache = model.layers[0].attn.kv_cache
-    if type(cache) is not KVCache:  # a quantized cache: eager
         return None
     if "_native_decoder" not in model.__dict__:  # built once per setup_caches (clear_caches drops it)
         model.__dict__["_native_decoder"] = NativeDecoder(model) if _eligible(model) else None

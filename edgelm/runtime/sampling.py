@@ -6,49 +6,19 @@ Temperature 0 is greedy decoding (argmax), which is deterministic.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
 
-from edgelm.errors import GenerationError
+import torch
 
-if TYPE_CHECKING:
-    import torch
+from edgelm.runtime.sampling_params import SamplingParams
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.8
-    top_k: int = 40  # 0 disables
-    top_p: float = 0.95  # 1.0 disables
-    min_p: float = 0.05  # 0.0 disables
-    repeat_penalty: float = 1.0  # 1.0 disables
-    repeat_last_n: int = 64
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
-            (self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (0 <= self.min_p < 1, f"min_p must be in [0, 1), got {self.min_p}"),
-            (self.repeat_penalty > 0, f"repeat_penalty must be > 0 (1.0 disables it), got {self.repeat_penalty}"),
-            (self.repeat_last_n >= 0, f"repeat_last_n must be >= 0, got {self.repeat_last_n}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise GenerationError(message)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+__all__ = ["Sampler", "SamplingParams"]
 
 
 class Sampler:
     """Stateful sampler: remembers recent tokens for the repetition penalty and owns its RNG."""
 
     def __init__(self, params: SamplingParams | None = None):
-        import torch  # here, not at module level: the CLI reads SamplingParams' defaults for --help
-
         self.params = params or SamplingParams()
         self.generator = torch.Generator()
         if self.params.seed is not None:
@@ -61,11 +31,11 @@ class Sampler:
         """Record a token of the context (prompt or generated) for the repetition penalty."""
         self.recent.append(token)
 
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """The distribution the next token is drawn from (one-hot for greedy), over the full vocabulary."""
-        import torch
-
-        logits = self.penalized(logits.float())
+    def probabilities(self, logits: torch.Tensor, recent: Iterable[int] | None = None) -> torch.Tensor:
+        """The distribution the next token is drawn from (one-hot for greedy), over the full vocabulary;
+        `recent` replaces the remembered tokens for the repetition penalty (speculative decoding scores
+        positions ahead of what has been accepted)."""
+        logits = self.penalized(logits.float(), recent)
         p = self.params
         if p.greedy:
             probs = torch.zeros_like(logits)
@@ -90,8 +60,6 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor) -> int:
         """Draw the next token from 1-D logits and record it."""
-        import torch
-
         if self.params.greedy:
             token = int(self.penalized(logits.float()).argmax())
         else:
@@ -99,14 +67,13 @@ class Sampler:
         self.accept(token)
         return token
 
-    def penalized(self, logits: torch.Tensor) -> torch.Tensor:
-        import torch
-
+    def penalized(self, logits: torch.Tensor, recent: Iterable[int] | None = None) -> torch.Tensor:
         penalty = self.params.repeat_penalty
-        if penalty == 1.0 or not self.recent or self.params.repeat_last_n == 0:
+        window = self.recent if recent is None else list(recent)[-self.recent.maxlen:]
+        if penalty == 1.0 or not window or self.params.repeat_last_n == 0:
             return logits
         logits = logits.clone()
-        ids = torch.tensor(sorted(set(self.recent)), dtype=torch.long)
+        ids = torch.tensor(sorted(set(window)), dtype=torch.long)
         values = logits[ids]
         # llama.cpp's rule: shrink positive logits, push negative ones further down.
         logits[ids] = torch.where(values > 0, values / penalty, values * penalty)

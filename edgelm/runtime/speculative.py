@@ -25,7 +25,7 @@ import torch
 
 from edgelm.errors import GenerationError
 from edgelm.models.base import Transformer
-from edgelm.runtime.generate import GenerationStats, decode_step, prefill
+from edgelm.runtime.generate import GenerationStats, check_lengths, decode_step, prefill
 from edgelm.runtime.native import native_decoder
 from edgelm.runtime.sampling import Sampler
 
@@ -61,19 +61,13 @@ def speculative_generate_step(target: Transformer, draft: Transformer, prompt: S
     """Yield the target's tokens, generated with draft proposals; same contract as generate_step."""
     if num_draft < 1:
         raise GenerationError(f"--num-draft must be >= 1, got {num_draft}")
-    if max_tokens < 0:
-        raise GenerationError(f"max_tokens must be >= 0, got {max_tokens}")
     check_draft(target, draft)
+    limit = min(target.args.max_context, draft.args.max_context)
+    check_lengths(len(prompt), max_tokens, limit)
     sampler = sampler or Sampler()
     stats = stats if stats is not None else GenerationStats()
     spec = spec_stats if spec_stats is not None else SpeculativeStats()
-    # Room for the drafts of the last round beyond max_tokens.
-    total = len(prompt) + max_tokens + num_draft + 1
-    limit = min(target.args.max_context, draft.args.max_context)
-    if len(prompt) + max_tokens > limit:
-        raise GenerationError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the "
-                              f"context of {limit}; shorten the prompt or lower max_tokens")
-    total = min(total, limit)
+    total = min(len(prompt) + max_tokens + num_draft + 1, limit)  # room for the last round's drafts
     for token in prompt:
         sampler.accept(token)
     target.setup_caches(total)
@@ -84,6 +78,8 @@ def speculative_generate_step(target: Transformer, draft: Transformer, prompt: S
         stats.prompt_tokens = len(prompt)
         stats.prompt_seconds = time.perf_counter() - start
         prefill(draft, prompt)
+        if max_tokens == 0:
+            return
         token = sampler.sample(logits)
         stats.generation_tokens = 1
         stats.first_token_seconds = time.perf_counter() - start
@@ -137,7 +133,7 @@ def _draft(draft: Transformer, sampler: Sampler, feed: list[int], pos: int, k: i
     recent = list(sampler.recent)
     tokens, probs = [], []
     for i in range(k):
-        q = _probabilities(sampler, logits, recent)
+        q = sampler.probabilities(logits, recent)
         token = int(q.argmax()) if sampler.params.greedy else int(torch.multinomial(q, 1, generator=sampler.generator))
         tokens.append(token)
         probs.append(q)
@@ -155,7 +151,7 @@ def _accept(sampler: Sampler, drafts: list[int], draft_probs: list[torch.Tensor]
     emitted: list[int] = []
     recent = list(sampler.recent)
     for i, token in enumerate(drafts):
-        p = _probabilities(sampler, target_logits[i], recent)
+        p = sampler.probabilities(target_logits[i], recent)
         q = draft_probs[i]
         if sampler.params.greedy:
             ok = bool(p[token] > 0)
@@ -173,19 +169,9 @@ def _accept(sampler: Sampler, drafts: list[int], draft_probs: list[torch.Tensor]
         emitted.append(token)
         recent.append(token)
     else:
-        p = _probabilities(sampler, target_logits[len(drafts)], recent)
+        p = sampler.probabilities(target_logits[len(drafts)], recent)
         bonus = int(p.argmax()) if sampler.params.greedy else int(torch.multinomial(p, 1, generator=sampler.generator))
         emitted.append(bonus)
     for token in emitted:
         sampler.accept(token)
     return emitted
-
-
-def _probabilities(sampler: Sampler, logits: torch.Tensor, recent: list[int]) -> torch.Tensor:
-    """The sampler's distribution for these logits with `recent` as its repetition-penalty window."""
-    saved = sampler.recent
-    sampler.recent = type(saved)(recent, maxlen=saved.maxlen)
-    try:
-        return sampler.probabilities(logits)
-    finally:
-        sampler.recent = saved

@@ -32,7 +32,7 @@ from edgelm.compress.recipe import Step, target_modules
 from edgelm.errors import RecipeError
 
 # 1-bit rows are for the rarest tiers of the embedding: at ~3 bpw and below, every bit they do not take goes
-# to the linear layers, which matter far more (gemma-3-270m at 3.0 bpw: predicted KL 0.36 -> 0.10).
+# to the linear layers (gemma-3-270m at 3.0 bpw: KLD 0.331 -> 0.306, top-1 77.6 -> 85.5 %, PPL unchanged).
 DEFAULT_FORMATS = ((1, 64), (1, 128), (2, 32), (2, 64), (2, 128), (2, 256), (3, 32), (3, 64), (3, 128), (3, 256),
                    (4, 32), (4, 64), (4, 128), (4, 256), (5, 32), (5, 64), (6, 32), (6, 64), (8, 32), (8, 64))
 

@@ -95,12 +95,13 @@ class PackedWeight(nn.Module):
         self._kernel = None
         super()._load_from_state_dict(*args, **kwargs)
 
-    def matmul(self, x: torch.Tensor, out: torch.Tensor | None = None,
-               out_index: torch.Tensor | None = None) -> torch.Tensor:
-        """x [T, in] @ Wᵀ -> [T, out] (or into columns out_index of `out`)."""
+    def matmul(self, x: torch.Tensor, out: torch.Tensor | None = None, out_index: torch.Tensor | None = None,
+               activations: kernels.QuantizedActivations | None = None) -> torch.Tensor:
+        """x [T, in] @ Wᵀ -> [T, out] (or into columns out_index of `out`). `activations`: x already
+        quantized for the kernels, when several matrices share it."""
         km = self.kernel() if kernel_eligible(self, x) else None
         if km is not None:
-            return km.matvec(x, out=out, out_index=out_index)
+            return km.matvec(activations if activations is not None else x, out=out, out_index=out_index)
         result = F.linear(x, self.dequantize(dtype=x.dtype))
         if out is None:
             return result
@@ -164,6 +165,7 @@ class RowTieredWeight(nn.Module):
         self.out_features, self.in_features = tier.numel(), parts[0].in_features
         self.register_buffer("tier", tier.to(torch.uint8))
         self.register_buffer("local", torch.empty(0, dtype=torch.int64), persistent=False)
+        self.rows: list[torch.Tensor] = []
         self._index()
         self.scale_gain = None
 
@@ -183,15 +185,16 @@ class RowTieredWeight(nn.Module):
         if self.tier.is_meta:  # a model directory being built: indexed once the real tiers are loaded
             return
         local = torch.empty(self.out_features, dtype=torch.int64)
+        self.rows = []  # rows of each part, int32 as the kernels' output index wants them
         for k in range(len(self.parts)):
             rows = (self.tier == k).nonzero().squeeze(1)
             local[rows] = torch.arange(rows.numel())
+            self.rows.append(rows.to(torch.int32))
         self.local = local
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._index()
-        self._rows = None
 
     @property
     def scheme(self) -> QuantScheme:
@@ -217,14 +220,9 @@ class RowTieredWeight(nn.Module):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] @ Wᵀ -> [T, out]: each part computes its rows and writes them into their columns."""
         out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
-        if getattr(self, "_rows", None) is None:
-            self._rows = [(self.tier == k).nonzero().squeeze(1).to(torch.int32) for k in range(len(self.parts))]
-        qa = kernels.QuantizedActivations(x) if kernel_eligible(self, x) else None
-        for part, rows in zip(self.parts, self._rows):
-            if qa is not None and part.kernel() is not None:
-                part.kernel().matvec(qa, out=out, out_index=rows)
-            else:
-                part.matmul(x, out=out, out_index=rows)
+        shared = kernels.QuantizedActivations(x) if kernel_eligible(self, x) else None  # quantized once
+        for part, rows in zip(self.parts, self.rows):
+            part.matmul(x, out=out, out_index=rows, activations=shared)
         return out
 
     def extra_repr(self) -> str:

@@ -522,58 +522,55 @@ typedef struct {
     const float *dx, *bsum;
 } prepared_act;
 
-static int prepare_act(prepared_act *pa, int64_t n_tokens, int64_t cols, const int8_t *xq, const float *dx,
-                       const float *bsum) {
-    pa->n_tokens = n_tokens;
-    pa->cols = cols;
-    pa->xq = xq;
-    pa->dx = dx;
-    pa->bsum = bsum;
-    return 0;
-}
-
-static void release_act(prepared_act *pa) { (void)pa; }
-
 static int supported(const ek_matrix *m, int64_t cols) {
     return m->cols == cols && m->cols % 64 == 0 && (m->group % 32 == 0 || (m->group == 16 && m->zeros)) &&
            m->cols % m->group == 0 && m->bits >= 1 && m->bits <= 8;
 }
 
-/* Rows [begin, end) of one matrix against prepared activations, on the best path for this CPU. */
-static void matrix_rows(const ek_matrix *m, const prepared_act *pa, float *y, int64_t out_stride,
+/* Rows [begin, end) of one matrix against prepared activations, on the best path for this CPU. `gsum`
+ * ([T][n_groups] activation sums per group) is needed only for fp16 zero points. */
+static void matrix_rows(const ek_matrix *m, const prepared_act *pa, const float *gsum, float *y, int64_t out_stride,
                         const int32_t *out_index, int64_t begin, int64_t end) {
     matvec_job job = {m, pa->xq, pa->dx, pa->bsum, y, out_index, pa->n_tokens, out_stride};
 #ifdef EK_X86
-    /* The SIMD path needs groups of 32 or 64 x 2^k codes (a chunk -> group map by shifting). */
+    /* The SIMD path needs groups of 16, 32 or 64 x 2^k codes (a chunk -> group map by shifting). */
     if (ek_cpu_level() >= EK_AVX512_VNNI && (m->group == 16 || m->group == 32 ||
                                              (m->group % 64 == 0 && !((m->group / 64) & (m->group / 64 - 1))))) {
-        const int64_t n_groups = m->cols / m->group, bpg = m->group / 32, n_blocks = m->cols / 32;
-        float gsum[m->zeros_f16 ? pa->n_tokens * n_groups : 1];
-        if (m->zeros_f16)
-            for (int64_t t = 0; t < pa->n_tokens; t++)
-                for (int64_t g = 0; g < n_groups; g++) {
-                    float total = 0.f;
-                    for (int64_t b = g * bpg; b < (g + 1) * bpg; b++) total += pa->bsum[t * n_blocks + b];
-                    gsum[t * n_groups + g] = total;
-                }
-        avx512_job ajob = {job, m->zeros_f16 ? gsum : NULL};
+        avx512_job ajob = {job, gsum};
         avx512_kernels[m->bits](&ajob, begin, end);
         return;
     }
 #endif
+    (void)gsum;
     matvec_rows_generic(&job, begin, end);
 }
 
+/* Per-group activation sums [T][n_groups] for a matrix with fp16 zero points (malloc'd), else NULL. */
+static float *group_sums(const ek_matrix *m, const prepared_act *pa) {
+    if (!m->zeros_f16) return NULL;
+    const int64_t n_groups = m->cols / m->group, bpg = m->group / 32, n_blocks = m->cols / 32;
+    float *gsum = malloc(sizeof(float) * (size_t)(pa->n_tokens * n_groups));
+    if (!gsum) return NULL;
+    for (int64_t t = 0; t < pa->n_tokens; t++)
+        for (int64_t g = 0; g < n_groups; g++) {
+            float total = 0.f;
+            for (int64_t b = g * bpg; b < (g + 1) * bpg; b++) total += pa->bsum[t * n_blocks + b];
+            gsum[t * n_groups + g] = total;
+        }
+    return gsum;
+}
+
 /* Several matrices with the same input, as one parallel job over their stacked rows (one thread
- * hand-off instead of one per matrix: q/k/v, gate/up). */
+ * hand-off instead of one per matrix: q/k/v, gate/up). Matrix i writes ys[i][t * strides[i] + row]. */
 #define EK_MAX_STACK 4
 typedef struct {
     int n;
     const ek_matrix *ms[EK_MAX_STACK];
     float *ys[EK_MAX_STACK];
+    int64_t strides[EK_MAX_STACK];
+    float *gsums[EK_MAX_STACK];
     int64_t first_row[EK_MAX_STACK + 1];
     const prepared_act *pa;
-    int64_t out_stride;
     const int32_t *out_index;
 } stacked_job;
 
@@ -583,44 +580,42 @@ static void stacked_rows(void *ctx, int64_t begin, int64_t end) {
         int64_t lo = begin > job->first_row[i] ? begin : job->first_row[i];
         int64_t hi = end < job->first_row[i + 1] ? end : job->first_row[i + 1];
         if (lo < hi)
-            matrix_rows(job->ms[i], job->pa, job->ys[i], job->out_stride, job->out_index,
+            matrix_rows(job->ms[i], job->pa, job->gsums[i], job->ys[i], job->strides[i], job->out_index,
                         lo - job->first_row[i], hi - job->first_row[i]);
     }
 }
 
-static int matvec_stacked(const ek_matrix *const *ms, float *const *ys, int n, const prepared_act *pa,
-                          int64_t out_stride, const int32_t *out_index) {
-    stacked_job job = {.n = n, .pa = pa, .out_stride = out_stride, .out_index = out_index};
+static int matvec_stacked(const ek_matrix *const *ms, float *const *ys, const int64_t *strides, int n,
+                          const prepared_act *pa, const int32_t *out_index) {
+    stacked_job job = {.n = n, .pa = pa, .out_index = out_index};
     if (n < 1 || n > EK_MAX_STACK) return -1;
+    int status = 0;
     for (int i = 0; i < n; i++) {
         if (!supported(ms[i], pa->cols)) return -1;
         job.ms[i] = ms[i];
         job.ys[i] = ys[i];
+        job.strides[i] = strides[i];
         job.first_row[i + 1] = job.first_row[i] + ms[i]->rows;
     }
-    const int64_t total = job.first_row[n];
-    int64_t grain = total / (8 * (int64_t)pool.n_threads);
-    grain = grain < 16 ? 16 : grain > 1024 ? 1024 : grain;
-    parallel_for(total, grain, stacked_rows, &job);
-    return 0;
-}
-
-static int matvec_prepared(const ek_matrix *m, const prepared_act *pa, float *y, int64_t out_stride,
-                           const int32_t *out_index) {
-    return matvec_stacked(&m, &y, 1, pa, out_stride, out_index);
+    for (int i = 0; i < n; i++)  /* once per call, not per parallel piece */
+        if (ms[i]->zeros_f16 && !(job.gsums[i] = group_sums(ms[i], pa))) status = -2;
+    if (status == 0) {
+        const int64_t total = job.first_row[n];
+        int64_t grain = total / (8 * (int64_t)pool.n_threads);
+        grain = grain < 16 ? 16 : grain > 1024 ? 1024 : grain;
+        parallel_for(total, grain, stacked_rows, &job);
+    }
+    for (int i = 0; i < n; i++) free(job.gsums[i]);
+    return status;
 }
 
 /* y[t][out_index[r]] = (W x_t)[r] for T activation vectors already quantized by ek_quantize_act.
- * Returns 0, -1 when the matrix is not in a supported shape (cols % 64, group % 32, bits 1..8), -2 when
- * out of memory. */
+ * Returns 0, -1 when the matrix is not in a supported shape (cols % 64, group 16 or % 32, bits 1..8), -2
+ * when out of memory. */
 EK_EXPORT int ek_matvec(const ek_matrix *m, int64_t n_tokens, const int8_t *xq, const float *dx,
                         const float *bsum, float *y, int64_t out_stride, const int32_t *out_index) {
-    prepared_act pa;
-    if (m->cols % 64) return -1;
-    if (prepare_act(&pa, n_tokens, m->cols, xq, dx, bsum)) return -2;
-    int status = matvec_prepared(m, &pa, y, out_stride, out_index);
-    release_act(&pa);
-    return status;
+    const prepared_act pa = {n_tokens, m->cols, xq, dx, bsum};
+    return matvec_stacked(&m, &y, &out_stride, 1, &pa, out_index);
 }
 
 /* ----------------------------------------------------------------------------------------------------- */
@@ -714,29 +709,29 @@ EK_CLONES static void gated_activation(float *out, const float *gate, const floa
     }
 }
 
+/* Scratch for the quantized activations of the widest projection input. */
+typedef struct {
+    int8_t *xq;
+    float *dx, *bsum;
+} act_scratch;
+
 /* x [T][cols] -> W x for each matrix, outs[i] [T][rows_i]; activations quantized here, once for all the
  * matrices that share them (q/k/v, gate/up). Token t's result does not depend on the other tokens. */
 static int project(const ek_matrix *const *ms, float *const *outs, int n, const float *x, int64_t n_tokens,
-                   int64_t cols) {
-    int8_t *xq = malloc((size_t)(n_tokens * cols));
-    float *dx = malloc(sizeof(float) * (size_t)(n_tokens * cols / 32));
-    float *bsum = malloc(sizeof(float) * (size_t)(n_tokens * cols / 32));
-    prepared_act pa;
-    int status = -2;
-    if (xq && dx && bsum) {
-        ek_quantize_act(x, n_tokens * cols, xq, dx, bsum);
-        if (prepare_act(&pa, n_tokens, cols, xq, dx, bsum) == 0) {
-            status = 0;
-            for (int i = 0; i < n && status == 0; i++)  /* outputs are [T][rows]: one matrix at a time */
-                if (n_tokens > 1) status = matvec_stacked(&ms[i], &outs[i], 1, &pa, ms[i]->rows, NULL);
-            if (n_tokens == 1) status = matvec_stacked(ms, outs, n, &pa, 0, NULL);
-            release_act(&pa);
-        }
+                   int64_t cols, const act_scratch *scratch) {
+    int64_t strides[EK_MAX_STACK];
+    for (int i = 0; i < n && i < EK_MAX_STACK; i++) strides[i] = ms[i]->rows;
+    ek_quantize_act(x, n_tokens * cols, scratch->xq, scratch->dx, scratch->bsum);
+    const prepared_act pa = {n_tokens, cols, scratch->xq, scratch->dx, scratch->bsum};
+    return matvec_stacked(ms, outs, strides, n, &pa, NULL);
+}
+
+/* x [T][dim] += post_norm(o) (Gemma's sandwich norm when there is one). */
+static void add_residual(float *x, float *o, const float *post_norm, int64_t n_tokens, int64_t dim, float eps) {
+    for (int64_t t = 0; t < n_tokens; t++) {
+        if (post_norm) rms_norm(o + t * dim, o + t * dim, post_norm, dim, eps);
+        for (int64_t i = 0; i < dim; i++) x[t * dim + i] += o[t * dim + i];
     }
-    free(xq);
-    free(dx);
-    free(bsum);
-    return status;
 }
 
 typedef struct {
@@ -797,7 +792,9 @@ EK_EXPORT int ek_decode_layers(const ek_block_args *a, const ek_layer *layers, f
     float *v = malloc(sizeof(float) * (size_t)(T * kv_dim)), *att = malloc(sizeof(float) * (size_t)(T * q_dim));
     float *gate = malloc(sizeof(float) * (size_t)(T * hidden)), *up = malloc(sizeof(float) * (size_t)(T * hidden));
     float *o = malloc(sizeof(float) * (size_t)(T * dim));
-    int status = (h && q && k && v && att && gate && up && o) ? 0 : -2;
+    act_scratch scratch = {malloc((size_t)(T * wide)), malloc(sizeof(float) * (size_t)(T * wide / 32)),
+                           malloc(sizeof(float) * (size_t)(T * wide / 32))};
+    int status = (h && q && k && v && att && gate && up && o && scratch.xq && scratch.dx && scratch.bsum) ? 0 : -2;
     if (T < 1 || pos < 0 || pos + T > a->max_len) status = -3;
     for (int32_t l = 0; l < a->n_layers && status == 0; l++) {
         const ek_layer *L = &layers[l];
@@ -805,7 +802,7 @@ EK_EXPORT int ek_decode_layers(const ek_block_args *a, const ek_layer *layers, f
         for (int64_t t = 0; t < T; t++) rms_norm(h + t * dim, x + t * dim, L->attn_norm, dim, a->norm_eps);
         const ek_matrix *qkv[3] = {&L->wq, &L->wk, &L->wv};
         float *qkv_out[3] = {q, k, v};
-        if ((status = project(qkv, qkv_out, 3, h, T, dim))) break;
+        if ((status = project(qkv, qkv_out, 3, h, T, dim, &scratch))) break;
         for (int64_t t = 0; t < T; t++) {
             float *qt = q + t * q_dim, *kt = k + t * kv_dim, *vt = v + t * kv_dim;
             const int64_t p = pos + t;
@@ -828,25 +825,20 @@ EK_EXPORT int ek_decode_layers(const ek_block_args *a, const ek_layer *layers, f
         parallel_for(T * a->n_heads, 1, attention_heads, &aj);
         const ek_matrix *wo[1] = {&L->wo};
         float *o_out[1] = {o};
-        if ((status = project(wo, o_out, 1, att, T, q_dim))) break;
-        for (int64_t t = 0; t < T; t++) {
-            if (L->post_attn_norm) rms_norm(o + t * dim, o + t * dim, L->post_attn_norm, dim, a->norm_eps);
-            for (int64_t i = 0; i < dim; i++) x[t * dim + i] += o[t * dim + i];
-        }
+        if ((status = project(wo, o_out, 1, att, T, q_dim, &scratch))) break;
+        add_residual(x, o, L->post_attn_norm, T, dim, a->norm_eps);
         /* feed-forward */
         for (int64_t t = 0; t < T; t++) rms_norm(h + t * dim, x + t * dim, L->ffn_norm, dim, a->norm_eps);
         const ek_matrix *gu[2] = {&L->w_gate, &L->w_up};
         float *gu_out[2] = {gate, up};
-        if ((status = project(gu, gu_out, 2, h, T, dim))) break;
+        if ((status = project(gu, gu_out, 2, h, T, dim, &scratch))) break;
         gated_activation(h, gate, up, T * hidden, a->activation);
         const ek_matrix *down[1] = {&L->w_down};
         float *down_out[1] = {o};
-        if ((status = project(down, down_out, 1, h, T, hidden))) break;
-        for (int64_t t = 0; t < T; t++) {
-            if (L->post_ffn_norm) rms_norm(o + t * dim, o + t * dim, L->post_ffn_norm, dim, a->norm_eps);
-            for (int64_t i = 0; i < dim; i++) x[t * dim + i] += o[t * dim + i];
-        }
+        if ((status = project(down, down_out, 1, h, T, hidden, &scratch))) break;
+        add_residual(x, o, L->post_ffn_norm, T, dim, a->norm_eps);
     }
     free(h); free(q); free(k); free(v); free(att); free(gate); free(up); free(o);
+    free(scratch.xq); free(scratch.dx); free(scratch.bsum);
     return status;
 }
