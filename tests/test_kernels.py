@@ -172,3 +172,62 @@ def test_quantized_model_decodes_the_same_on_the_kernels(tmp_path, monkeypatch, 
     assert fast_tokens == float_tokens
     assert (fast_logits - float_logits).norm() / float_logits.norm() < 0.05  # 3 random layers, int8 x
     assert not torch.equal(fast_logits, float_logits)  # the kernels really ran
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits,group", [(1, 64), (2, 256), (3, 128), (4, 32), (5, 32), (6, 16), (7, 64), (8, 128)])
+def test_dequantize_is_the_reference_bit_for_bit(bits, group):
+    weight = packed(37, 256, bits, group, seed=bits)
+    km = KernelMatrix.from_packed(weight)
+    expected = weight.dequantize()
+    assert torch.equal(km.dequantize(), expected)
+    assert torch.equal(km.dequantize(dtype=torch.bfloat16, parallel=False), expected.bfloat16())  # round to even
+    assert torch.equal(km.dequantize(5, 10), expected[5:15])
+    with kernels.generic_path():
+        assert torch.equal(km.dequantize(dtype=torch.bfloat16), expected.bfloat16())
+    with pytest.raises(ValueError, match="rows 30"):
+        km.dequantize(30, 10)
+
+
+@needs_kernels
+def test_batched_matmul_dequantizes_in_blocks_and_scatters(monkeypatch):
+    from edgelm.compress.quant import modules
+    from edgelm.compress.quant.modules import RowTieredWeight, batched_matmul_dtype
+
+    parts = [packed(300, 128, 4, 32, seed=1), packed(212, 128, 2, 64, seed=2)]
+    rows = torch.randperm(512, generator=torch.Generator().manual_seed(0))
+    tiered = RowTieredWeight.from_parts([rows[:300].sort().values, rows[300:].sort().values], parts)
+    x = torch.randn(40, 128, generator=torch.Generator().manual_seed(5))  # more tokens than the kernels take
+    with torch.no_grad():
+        exact = x @ tiered.dequantize().T
+        whole = tiered.matmul(x)
+        monkeypatch.setattr(modules, "BATCHED_BLOCK_ELEMENTS", 64 * 128)  # 64-row blocks
+        blocked = tiered.matmul(x)
+        with batched_matmul_dtype(torch.bfloat16):
+            fast = tiered.matmul(x)
+    assert torch.allclose(whole, exact, rtol=1e-5, atol=1e-5) and torch.equal(blocked, whole)
+    assert fast.dtype == torch.float32
+    assert (fast - exact).norm() / exact.norm() < 1e-2  # bf16 weights and activations
+
+
+@needs_kernels
+def test_prefill_multiplies_in_the_cpus_fast_dtype(tmp_path):
+    """Generation's prefill takes the batched path in bf16 where the CPU has it; evaluation stays float32."""
+    import edgelm
+    from edgelm.compress import RTN, compress
+    from edgelm.runtime.generate import prefill
+    from tests.tiny_gguf import TinyConfig, write_tiny_model
+
+    model, _ = edgelm.load(str(write_tiny_model(tmp_path / "m.gguf", TinyConfig(arch="gemma3", dim=128,
+                                                                                  hidden_dim=256))))
+    compress(model, RTN(bits=4, group_size=32))
+    prompt = list(range(3, 43))  # 40 tokens: past the kernels' few-token path
+    model.setup_caches(64)
+    try:
+        fast = prefill(model, prompt)
+        with torch.inference_mode():
+            exact = model(torch.tensor([prompt]), torch.arange(len(prompt)))[0, -1]
+    finally:
+        model.clear_caches()
+    assert (fast - exact).norm() / exact.norm() < 0.03
+    assert torch.equal(fast, exact) == (kernels.batched_dtype() == torch.float32)

@@ -51,6 +51,9 @@ def _library() -> ctypes.CDLL | None:
     lib.ek_decode_layers.argtypes = [p, p, p, i64, i64]
     lib.ek_decode_layers.restype = ctypes.c_int
     lib.ek_cpu_level.restype = ctypes.c_int
+    lib.ek_dequantize.argtypes = [ctypes.POINTER(_Matrix), i64, i64, p, i64, ctypes.c_int, ctypes.c_int]
+    lib.ek_dequantize.restype = ctypes.c_int
+    lib.ek_cpu_has_bf16.restype = ctypes.c_int
     lib.ek_limit_cpu_level.argtypes = [ctypes.c_int]
     lib.ek_limit_cpu_level.restype = ctypes.c_int
     if os.environ.get("EDGELM_KERNELS_GENERIC") == "1":
@@ -78,6 +81,13 @@ def generic_path() -> Iterator[None]:
         yield
     finally:
         lib.ek_limit_cpu_level(99 if os.environ.get("EDGELM_KERNELS_GENERIC") != "1" else 0)
+
+
+def batched_dtype() -> torch.dtype:
+    """The dtype batched (prefill) matmuls dequantize to: bfloat16 where the CPU multiplies it natively
+    (AVX-512 BF16 / AMX: several times float32's rate), else float32."""
+    lib = _library()
+    return torch.bfloat16 if lib is not None and lib.ek_cpu_has_bf16() else torch.float32
 
 
 def set_threads(n: int) -> int:
@@ -142,6 +152,21 @@ class KernelMatrix:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.planes, self.scales, self.zeros))
+
+    def dequantize(self, first: int = 0, n: int | None = None, dtype: torch.dtype = torch.float32,
+                   out: torch.Tensor | None = None, parallel: bool = True) -> torch.Tensor:
+        """Rows [first, first + n) as a dense float32 or bfloat16 [n, cols] matrix, on the kernels' threads or
+        (parallel=False) on the calling thread only."""
+        n = self.rows - first if n is None else n
+        if out is None:
+            out = torch.empty(n, self.cols, dtype=dtype)
+        if out.dtype not in (torch.float32, torch.bfloat16) or out.stride(1) != 1 or out.shape != (n, self.cols):
+            raise ValueError(f"dequantize writes a row-major float32/bfloat16 [{n}, {self.cols}] tensor")
+        status = _library().ek_dequantize(ctypes.byref(self._struct), first, n, out.data_ptr(), out.stride(0),
+                                          int(out.dtype == torch.bfloat16), int(parallel))
+        if status:
+            raise ValueError(f"cannot dequantize rows {first}..{first + n} of a {self.rows}-row matrix")
+        return out
 
     def matvec(self, x: torch.Tensor | QuantizedActivations, out: torch.Tensor | None = None,
                out_index: torch.Tensor | None = None) -> torch.Tensor:

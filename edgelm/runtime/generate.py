@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from edgelm import kernels
+from edgelm.compress.quant.modules import batched_matmul_dtype
 from edgelm.errors import GenerationError
 from edgelm.models.base import Transformer
 from edgelm.runtime.native import native_decoder
@@ -30,10 +32,11 @@ def prefill(model: Transformer, tokens: Sequence[int], start_pos: int = 0,
     model.restore_torch_threads()  # batched matmuls want every thread again
     ids = torch.tensor(tokens, dtype=torch.long)
     logits = None
-    for begin in range(0, len(tokens), chunk):
-        part = ids[begin:begin + chunk]
-        pos = torch.arange(start_pos + begin, start_pos + begin + len(part))
-        logits = model(part[None], pos, logits_at=slice(-1, None))
+    with batched_matmul_dtype(kernels.batched_dtype()):
+        for begin in range(0, len(tokens), chunk):
+            part = ids[begin:begin + chunk]
+            pos = torch.arange(start_pos + begin, start_pos + begin + len(part))
+            logits = model(part[None], pos, logits_at=slice(-1, None))
     return logits[0, -1]
 
 

@@ -2,12 +2,17 @@
 
 Weights are stored as densely packed integer codes plus per-group scales and zero points, exactly the
 bytes an artifact holds. `matmul` runs a few tokens (decoding) on edgelm's compiled kernels when they are
-built (fused dequantize-and-dot, no float copy of the weight) and larger batches by dequantizing; training
-(gradients through trainable scales) always takes the dequantizing path. `QuantizedEmbedding` serves both
+built (fused dequantize-and-dot, no float copy of the weight) and larger batches by dequantizing a block
+of rows at a time (in C when the kernels are built) for a float32 or bfloat16 matmul; training (gradients
+through trainable scales) always takes PyTorch's dequantizing path. `QuantizedEmbedding` serves both
 the token lookup (only the rows it needs) and, through `project`, the tied output matrix.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -16,14 +21,60 @@ from torch import nn
 from edgelm import kernels
 from edgelm.compress.quant.primitives import QuantScheme, dequantize, pack, unpack
 
-# Up to this many tokens per call the fused kernels beat dequantize-then-matmul (which reads and writes a
-# float copy of the weight); prefill chunks take the batched float path.
+# Up to this many tokens per call the fused kernels beat dequantize-then-matmul (which writes and reads a
+# float copy of the weight); prefill chunks take the batched path.
 KERNEL_MAX_TOKENS = 8
 
 
 def kernel_eligible(weight: nn.Module, x: torch.Tensor) -> bool:
     return (x.shape[0] <= KERNEL_MAX_TOKENS and weight.scale_gain is None and not torch.is_grad_enabled()
             and x.dtype == torch.float32 and kernels.available())
+
+
+def batched_eligible(weight: nn.Module, x: torch.Tensor) -> bool:
+    return (weight.scale_gain is None and not torch.is_grad_enabled() and x.dtype == torch.float32
+            and kernels.available())
+
+
+# Rows dequantized at a time by the batched path: the whole matrix for a projection, slices of the
+# 262k-row output matrix (a float copy of it would be the size of the model several times over).
+BATCHED_BLOCK_ELEMENTS = 1 << 23
+
+
+# float32 keeps evaluation exact (the dequantized weights are the reference's, bit for bit); generation's
+# prefill asks for the CPU's fast dtype instead (bfloat16 where native: a prefill is compute-bound).
+_batched_dtype: ContextVar[torch.dtype] = ContextVar("edgelm_batched_dtype", default=torch.float32)
+
+
+@contextmanager
+def batched_matmul_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Multiply many-token batches in `dtype` (float32 or bfloat16) inside the block."""
+    token = _batched_dtype.set(dtype)
+    try:
+        yield
+    finally:
+        _batched_dtype.reset(token)
+
+
+def _batched_matmul(km: kernels.KernelMatrix, x: torch.Tensor, out: torch.Tensor | None,
+                    out_index: torch.Tensor | None) -> torch.Tensor:
+    """x [T, in] @ Wᵀ for many tokens: the weight dequantized block by block by the kernels (on the calling
+    thread: PyTorch's matmul threads are still spinning on the others) and multiplied by PyTorch."""
+    dtype = _batched_dtype.get()
+    xc = x.to(dtype)
+    block = max(1, BATCHED_BLOCK_ELEMENTS // km.cols)
+    if out is None and km.rows <= block:
+        return F.linear(xc, km.dequantize(dtype=dtype, parallel=False)).to(torch.float32)
+    if out is None:
+        out = torch.empty(x.shape[0], km.rows)
+    for first in range(0, km.rows, block):
+        n = min(block, km.rows - first)
+        y = F.linear(xc, km.dequantize(first, n, dtype=dtype, parallel=False))
+        if out_index is None:
+            out[:, first:first + n] = y
+        else:
+            out[:, out_index[first:first + n].long()] = y.to(out.dtype)
+    return out
 
 
 class PackedWeight(nn.Module):
@@ -102,6 +153,9 @@ class PackedWeight(nn.Module):
         km = self.kernel() if kernel_eligible(self, x) else None
         if km is not None:
             return km.matvec(activations if activations is not None else x, out=out, out_index=out_index)
+        km = self.kernel() if batched_eligible(self, x) else None
+        if km is not None:
+            return _batched_matmul(km, x, out, out_index)
         result = F.linear(x, self.dequantize(dtype=x.dtype))
         if out is None:
             return result

@@ -338,14 +338,17 @@ typedef struct {
     const float *gsum;  /* [T][n_groups] activation sums per group, for fp16 zero points (else NULL) */
 } avx512_job;
 
-/* sum_g s_g * z_g * gsum_g: the zero-point term of a row whose zero points are fp16 (not integers). */
-EK_AVX512 static inline float zero_term_f16(const uint16_t *sc, const uint16_t *zf, const float *gsum,
-                                            int64_t n_groups) {
+/* sum_g s_g * z_g * gsum_g: a row's zero-point term (the dot products use the unsigned codes as they are);
+ * zero points are uint8 integers (zr) or fp16 (zf, ggml Q4_K's mins). */
+EK_AVX512 static inline float zero_term(const uint16_t *sc, const uint8_t *zr, const uint16_t *zf,
+                                        const float *gsum, int64_t n_groups) {
+    if (!zr && !zf) return 0.f;
     __m512 acc = _mm512_setzero_ps();
     for (int64_t g = 0; g < n_groups; g += 16) {
         __mmask16 k = n_groups - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n_groups - g)) - 1);
         __m512 scale = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, sc + g));
-        __m512 zero = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, zf + g));
+        __m512 zero = zr ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, zr + g)))
+                         : _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, zf + g));
         acc = _mm512_fmadd_ps(_mm512_mul_ps(scale, zero), _mm512_maskz_loadu_ps(k, gsum + g), acc);
     }
     return _mm512_reduce_add_ps(acc);
@@ -385,74 +388,43 @@ EK_AVX512 static inline __m512 load_scales16(const uint16_t *sc, int64_t first, 
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, sc + first));
 }
 
-/* Per lane: the integer dot of the chunk's codes with xq, minus the zero point times the lane's xq sum:
- * sum (code - z) * xq, i.e. the affine grid applied exactly in integers. */
-#define EK_CHUNK_INT(codes, c, zbytes)                                                                       \
-    ({                                                                                                       \
-        const __m512i x_ = _mm512_loadu_si512((const void *)(xq + (c) * 64));                                \
-        _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, x_), zbytes,                  \
-                            _mm512_sub_epi8(_mm512_setzero_si512(), x_)); /* |xq| <= 127: no overflow */     \
-    })
+/* Per lane: the integer dot of the chunk's unsigned codes with the int8 activations xq. */
+#define EK_CHUNK_INT(codes, c)                                                                               \
+    _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512((const void *)(xq + (c) * 64)))
 
-/* Group scale (per lane) and the zero points as bytes of chunk c: s_lanes (without the activations' dx). */
-#define EK_CHUNK_WEIGHT_PARAMS(c, s_lanes, zb)                                                               \
+/* The group scales of chunk c, per lane (without the activations' dx). */
+#define EK_CHUNK_SCALES(c, s_lanes)                                                                          \
     do {                                                                                                     \
         if (m->group == 16) { /* ggml Q6_K: four groups per chunk, four lanes (16 codes) each */             \
             if (((c) & 3) == 0) s16 = load_scales16(sc, 4 * (c), n_groups);                                  \
             s_lanes = quad_scales(s16, c);                                                                   \
-            uint32_t z4_;                                                                                    \
-            memcpy(&z4_, zr + 4 * (c), 4);                                                                   \
-            zb = _mm512_shuffle_epi8(_mm512_set1_epi32((int)z4_), quad_zero_index());                        \
         } else if (m->group == 32) {                                                                         \
             if (((c) & 7) == 0) s16 = load_scales16(sc, 2 * (c), n_groups);                                  \
             s_lanes = pair_scales(s16, c);                                                                   \
-            zb = !zr ? _mm512_setzero_si512()                                                                \
-                     : _mm512_mask_blend_epi8((__mmask64)0xFFFFFFFF00000000ULL, _mm512_set1_epi8((char)zr[2 * (c)]), \
-                                              _mm512_set1_epi8((char)zr[2 * (c) + 1]));                       \
         } else {                                                                                             \
-            const int64_t g_ = (c) >> chunk_shift;                                                           \
-            s_lanes = _mm512_set1_ps(_cvtsh_ss(sc[g_]));                                                     \
-            zb = zr ? _mm512_set1_epi8((char)zr[g_]) : _mm512_setzero_si512();                               \
+            s_lanes = _mm512_set1_ps(_cvtsh_ss(sc[(c) >> chunk_shift]));                                     \
         }                                                                                                    \
     } while (0)
 
-/* Scale (group scale x the activation blocks' dx, per lane) and zero bytes of chunk c, computed here. */
-#define EK_CHUNK_PARAMS(c, sv, zb)                                                                           \
+/* One row against one token, chunks decoded in place: two accumulators, so consecutive chunks' fused
+ * multiply-adds do not wait on each other. The tile path below does exactly the same arithmetic per
+ * (row, token), so a batch matches single tokens bit for bit. */
+#define EK_ROW_DOT(result)                                                                                   \
     do {                                                                                                     \
-        __m512 s_lanes_;                                                                                     \
-        EK_CHUNK_WEIGHT_PARAMS(c, s_lanes_, zb);                                                             \
-        sv = _mm512_mul_ps(dx_lanes(dxb, c), s_lanes_);                                        \
+        __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, s16 = _mm512_setzero_ps(), s_lanes;      \
+        (void)s16;                                                                                           \
+        for (int64_t c = 0; c < n_chunks; c++) {                                                             \
+            EK_CHUNK_SCALES(c, s_lanes);                                                                     \
+            const __m512 sv = _mm512_mul_ps(dx_lanes(dxb, c), s_lanes);                                      \
+            acc[c & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(EK_CHUNK_INT(decode_chunk(q + c * kbits * 8, kbits), c)), \
+                                         sv, acc[c & 1]);                                                    \
+        }                                                                                                    \
+        result = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));                                        \
     } while (0)
 
-/* The same from the row's precomputed weight parameters (several tokens share them). */
-#define EK_CHUNK_PARAMS_PRE(c, sv, zb)                                                                       \
-    do {                                                                                                     \
-        sv = _mm512_mul_ps(dx_lanes(dxb, c), row_scales[c]);                                   \
-        zb = row_zeros[c];                                                                                   \
-    } while (0)
-
-/* One row against one token: codes come from `codes_at(c)` (decoded in place or from a buffer), scales
- * and zeros from `params`; the arithmetic is the same either way (batches match single tokens bit for bit). Two
- * accumulators, so consecutive chunks' fused multiply-adds do not wait on each other. */
-#define EK_ROW_DOT(codes_at, params, result)                                                                         \
-    do {                                                                                                     \
-        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), s16 = _mm512_setzero_ps();           \
-        __m512 sv0, sv1;                                                                                     \
-        __m512i zb0, zb1;                                                                                    \
-        (void)s16; /* used only when the scales are converted here */                                        \
-        int64_t c = 0;                                                                                       \
-        for (; c + 1 < n_chunks; c += 2) {                                                                   \
-            params(c, sv0, zb0);                                                                    \
-            params(c + 1, sv1, zb1);                                                                \
-            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(EK_CHUNK_INT(codes_at(c), c, zb0)), sv0, acc0);        \
-            acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(EK_CHUNK_INT(codes_at(c + 1), c + 1, zb1)), sv1, acc1); \
-        }                                                                                                    \
-        if (c < n_chunks) {                                                                                  \
-            params(c, sv0, zb0);                                                                    \
-            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(EK_CHUNK_INT(codes_at(c), c, zb0)), sv0, acc0);        \
-        }                                                                                                    \
-        result = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));                                            \
-    } while (0)
+/* Several tokens: EK_TILE_ROWS rows are decoded once (codes and scales kept in registers' worth of
+ * stack) and every token runs against all of them, sharing each activation load and dx. */
+#define EK_TILE_ROWS 4
 
 #define EK_ROW_KERNEL(BITS)                                                                                  \
     EK_AVX512 static void matvec_rows_avx512_##BITS(void *ctx, int64_t begin, int64_t end) {                  \
@@ -460,42 +432,65 @@ EK_AVX512 static inline __m512 load_scales16(const uint16_t *sc, int64_t first, 
         const ek_matrix *m = job->base.m;                                                                    \
         const int64_t cols = m->cols, n_chunks = cols / 64, n_groups = cols / m->group;                      \
         const int64_t row_bytes = cols * BITS / 8;                                                           \
-        const int64_t T = job->base.n_tokens;                                                                \
-        const int kbits = BITS;                                                                              \
+        const int64_t T = job->base.n_tokens, stride = job->base.out_stride;                                 \
+        const int kbits = BITS; /* for the macros expanded inside this one */                                \
         const int chunk_shift = m->group <= 64 ? 0 : __builtin_ctz((unsigned)m->group / 64); /* chunk->group */\
-        __m512i buffer[T > 1 ? n_chunks : 1], row_zeros[T > 1 ? n_chunks : 1];                               \
-        __m512 row_scales[T > 1 ? n_chunks : 1];                                                             \
-        for (int64_t r = begin; r < end; r++) {                                                              \
-            const uint8_t *q = m->q + r * row_bytes;                                                         \
-            const uint16_t *sc = m->scales + r * n_groups;                                                   \
-            const uint8_t *zr = m->zeros ? m->zeros + r * n_groups : NULL;                                   \
-            const uint16_t *zf = m->zeros_f16 ? m->zeros_f16 + r * n_groups : NULL;                          \
-            const int64_t out = job->base.out_index ? job->base.out_index[r] : r;                            \
-            float *y = job->base.y + out;                                                                    \
-            if (T == 1) {                                                                                    \
-                const int8_t *xq = job->base.xq;                                                             \
-                const float *dxb = job->base.dx;                                                             \
+        if (T == 1) {                                                                                        \
+            const int8_t *xq = job->base.xq;                                                                 \
+            const float *dxb = job->base.dx;                                                                 \
+            for (int64_t r = begin; r < end; r++) {                                                          \
+                const uint8_t *q = m->q + r * row_bytes;                                                     \
+                const uint16_t *sc = m->scales + r * n_groups;                                               \
                 for (int64_t off = 0; off < row_bytes; off += 64) /* far enough ahead to hide DRAM latency */\
                     _mm_prefetch((const char *)(q + EK_PREFETCH_BYTES + off), _MM_HINT_T0);                  \
-                EK_ROW_DOT(EK_DECODE_AT, EK_CHUNK_PARAMS, *y);                                               \
-                if (zf) *y -= zero_term_f16(sc, zf, job->gsum, n_groups);                                    \
-            } else {                                                                                         \
+                float y;                                                                                     \
+                EK_ROW_DOT(y);                                                                               \
+                job->base.y[job->base.out_index ? job->base.out_index[r] : r] =                              \
+                    y - zero_term(sc, m->zeros ? m->zeros + r * n_groups : NULL,                             \
+                                  m->zeros_f16 ? m->zeros_f16 + r * n_groups : NULL, job->gsum, n_groups);   \
+            }                                                                                                \
+            return;                                                                                          \
+        }                                                                                                    \
+        __m512i codes[EK_TILE_ROWS][n_chunks];                                                               \
+        __m512 scales[EK_TILE_ROWS][n_chunks];                                                               \
+        for (int64_t r0 = begin; r0 < end; r0 += EK_TILE_ROWS) {                                             \
+            const int nr = end - r0 < EK_TILE_ROWS ? (int)(end - r0) : EK_TILE_ROWS;                         \
+            for (int i = 0; i < EK_TILE_ROWS; i++) { /* a short tile repeats its first row */                \
+                const int64_t r = r0 + (i < nr ? i : 0);                                                     \
+                const uint8_t *q = m->q + r * row_bytes;                                                     \
+                const uint16_t *sc = m->scales + r * n_groups;                                               \
                 __m512 s16 = _mm512_setzero_ps();                                                            \
-                for (int64_t c = 0; c < n_chunks; c++) {  /* decoded once for all the tokens */              \
-                    buffer[c] = decode_chunk(q + c * BITS * 8, BITS);                                        \
-                    EK_CHUNK_WEIGHT_PARAMS(c, row_scales[c], row_zeros[c]);                                  \
+                (void)s16;                                                                                   \
+                for (int64_t c = 0; c < n_chunks; c++) {                                                     \
+                    codes[i][c] = decode_chunk(q + c * BITS * 8, BITS);                                      \
+                    EK_CHUNK_SCALES(c, scales[i][c]);                                                        \
                 }                                                                                            \
-                for (int64_t t = 0; t < T; t++) {                                                            \
-                    const int8_t *xq = job->base.xq + t * cols;                                              \
-                    const float *dxb = job->base.dx + t * (cols / 32);                                       \
-                    EK_ROW_DOT(EK_BUFFER_AT, EK_CHUNK_PARAMS_PRE, y[t * job->base.out_stride]);              \
-                    if (zf) y[t * job->base.out_stride] -= zero_term_f16(sc, zf, job->gsum + t * n_groups, n_groups); \
+            }                                                                                                \
+            for (int64_t t = 0; t < T; t++) {                                                                \
+                const int8_t *xq = job->base.xq + t * cols;                                                  \
+                const float *dxb = job->base.dx + t * (cols / 32);                                           \
+                __m512 acc[EK_TILE_ROWS][2];                                                                 \
+                for (int i = 0; i < EK_TILE_ROWS; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();           \
+                for (int64_t c = 0; c < n_chunks; c++) {                                                     \
+                    const __m512i x = _mm512_loadu_si512((const void *)(xq + c * 64));                       \
+                    const __m512 d = dx_lanes(dxb, c);                                                       \
+                    for (int i = 0; i < EK_TILE_ROWS; i++) {                                                 \
+                        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[i][c], x);     \
+                        acc[i][c & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, scales[i][c]), \
+                                                        acc[i][c & 1]);                                      \
+                    }                                                                                        \
+                }                                                                                            \
+                for (int i = 0; i < nr; i++) {                                                               \
+                    const int64_t r = r0 + i;                                                                \
+                    const float y = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1])) -              \
+                                    zero_term(m->scales + r * n_groups, m->zeros ? m->zeros + r * n_groups : NULL, \
+                                              m->zeros_f16 ? m->zeros_f16 + r * n_groups : NULL,             \
+                                              job->gsum + t * n_groups, n_groups);                           \
+                    job->base.y[t * stride + (job->base.out_index ? job->base.out_index[r] : r)] = y;        \
                 }                                                                                            \
             }                                                                                                \
         }                                                                                                    \
     }
-#define EK_DECODE_AT(c) decode_chunk(q + (c) * kbits * 8, kbits)
-#define EK_BUFFER_AT(c) buffer[c]
 
 EK_ROW_KERNEL(1)
 EK_ROW_KERNEL(2)
@@ -545,16 +540,22 @@ static void matrix_rows(const ek_matrix *m, const prepared_act *pa, const float 
     matvec_rows_generic(&job, begin, end);
 }
 
-/* Per-group activation sums [T][n_groups] for a matrix with fp16 zero points (malloc'd), else NULL. */
+/* Per-group sums of the quantized activations [T][n_groups] (dx times the int8 values), for the zero-point
+ * term (malloc'd; NULL when out of memory). */
 static float *group_sums(const ek_matrix *m, const prepared_act *pa) {
-    if (!m->zeros_f16) return NULL;
-    const int64_t n_groups = m->cols / m->group, bpg = m->group / 32, n_blocks = m->cols / 32;
+    const int64_t cols = m->cols, n_groups = cols / m->group, n_blocks = cols / 32;
     float *gsum = malloc(sizeof(float) * (size_t)(pa->n_tokens * n_groups));
     if (!gsum) return NULL;
     for (int64_t t = 0; t < pa->n_tokens; t++)
         for (int64_t g = 0; g < n_groups; g++) {
             float total = 0.f;
-            for (int64_t b = g * bpg; b < (g + 1) * bpg; b++) total += pa->bsum[t * n_blocks + b];
+            if (m->group >= 32) {
+                for (int64_t b = g * (m->group / 32); b < (g + 1) * (m->group / 32); b++) total += pa->bsum[t * n_blocks + b];
+            } else { /* groups of 16: half a block */
+                int32_t sum = 0;
+                for (int64_t j = g * m->group; j < (g + 1) * m->group; j++) sum += pa->xq[t * cols + j];
+                total = pa->dx[t * n_blocks + g * m->group / 32] * (float)sum;
+            }
             gsum[t * n_groups + g] = total;
         }
     return gsum;
@@ -598,7 +599,7 @@ static int matvec_stacked(const ek_matrix *const *ms, float *const *ys, const in
         job.first_row[i + 1] = job.first_row[i] + ms[i]->rows;
     }
     for (int i = 0; i < n; i++)  /* once per call, not per parallel piece */
-        if (ms[i]->zeros_f16 && !(job.gsums[i] = group_sums(ms[i], pa))) status = -2;
+        if (!(job.gsums[i] = group_sums(ms[i], pa))) status = -2;
     if (status == 0) {
         const int64_t total = job.first_row[n];
         int64_t grain = total / (8 * (int64_t)pool.n_threads);
@@ -617,6 +618,155 @@ EK_EXPORT int ek_matvec(const ek_matrix *m, int64_t n_tokens, const int8_t *xq, 
     const prepared_act pa = {n_tokens, m->cols, xq, dx, bsum};
     return matvec_stacked(&m, &y, &out_stride, 1, &pa, out_index);
 }
+
+/* ----------------------------------------------------------------------------------------------------- */
+/* dequantization for batched (prefill) matmuls                                                          */
+
+/* Many tokens at once are compute-bound, and a bf16 matrix multiply (oneDNN in PyTorch) runs at several times
+ * the int8 kernels' rate: the weight is dequantized block by block into a cache-sized buffer for it. */
+
+static inline uint16_t float_to_bf16(float f) { /* round to nearest even; NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+typedef struct {
+    const ek_matrix *m;
+    void *out;
+    int64_t first, ld; /* first row, output row stride (elements) */
+    int bf16;
+} dequant_job;
+
+static void dequant_rows_generic(const dequant_job *job, int64_t begin, int64_t end) {
+    const ek_matrix *m = job->m;
+    const int64_t cols = m->cols, n_groups = cols / m->group, row_bytes = cols * m->bits / 8;
+    uint8_t codes[64];
+    for (int64_t r = begin; r < end; r++) {
+        const int64_t src = job->first + r;
+        for (int64_t c = 0; c < cols / 64; c++) {
+            decode_chunk_generic(m->q + src * row_bytes + c * m->bits * 8, m->bits, codes);
+            for (int j = 0; j < 64; j++) {
+                const int64_t col = c * 64 + j, g = src * n_groups + col / m->group;
+                const float zero = m->zeros ? (float)m->zeros[g] : m->zeros_f16 ? half_to_float(m->zeros_f16[g]) : 0.f;
+                const float w = half_to_float(m->scales[g]) * ((float)codes[j] - zero);
+                if (job->bf16) ((uint16_t *)job->out)[r * job->ld + col] = float_to_bf16(w);
+                else ((float *)job->out)[r * job->ld + col] = w;
+            }
+        }
+    }
+}
+
+#ifdef EK_X86
+/* The 64 codes of chunk c of a row (a switch on the bit width, so each decode is specialized). */
+EK_AVX512 static inline __m512i row_chunk(const uint8_t *q, int bits, int64_t c) {
+    switch (bits) {
+    case 1: return decode_chunk(q + c * 8, 1);
+    case 2: return decode_chunk(q + c * 16, 2);
+    case 3: return decode_chunk(q + c * 24, 3);
+    case 4: return decode_chunk(q + c * 32, 4);
+    case 5: return decode_chunk(q + c * 40, 5);
+    case 6: return decode_chunk(q + c * 48, 6);
+    case 7: return decode_chunk(q + c * 56, 7);
+    default: return decode_chunk(q + c * 64, 8);
+    }
+}
+
+/* Weights of 16 columns of a row starting at column `col` (16 codes in `lane`): s * (code - z), exactly as
+ * the float reference computes them. */
+EK_AVX512 static inline __m512 dequant16(const ek_matrix *m, int64_t row, int64_t col, __m128i lane) {
+    const int64_t g = row * (m->cols / m->group) + col / m->group; /* groups >= 16: one per 16 columns */
+    const float zero = m->zeros ? (float)m->zeros[g] : m->zeros_f16 ? _cvtsh_ss(m->zeros_f16[g]) : 0.f;
+    const __m512 codes = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lane));
+    return _mm512_mul_ps(_mm512_set1_ps(_cvtsh_ss(m->scales[g])), _mm512_sub_ps(codes, _mm512_set1_ps(zero)));
+}
+
+#define EK_DEQUANT_ROWS(NAME, TARGET, STORE_BF16)                                                            \
+    TARGET static void NAME(const dequant_job *job, int64_t begin, int64_t end) {                            \
+        const ek_matrix *m = job->m;                                                                         \
+        const int64_t cols = m->cols, row_bytes = cols * m->bits / 8;                                        \
+        for (int64_t r = begin; r < end; r++) {                                                              \
+            const int64_t src = job->first + r;                                                              \
+            const uint8_t *q = m->q + src * row_bytes;                                                       \
+            for (int64_t c = 0; c < cols / 64; c++) {                                                        \
+                const __m512i codes = row_chunk(q, m->bits, c);                                              \
+                const int64_t col = c * 64;                                                                  \
+                const __m512 w0 = dequant16(m, src, col, _mm512_extracti32x4_epi32(codes, 0));               \
+                const __m512 w1 = dequant16(m, src, col + 16, _mm512_extracti32x4_epi32(codes, 1));          \
+                const __m512 w2 = dequant16(m, src, col + 32, _mm512_extracti32x4_epi32(codes, 2));          \
+                const __m512 w3 = dequant16(m, src, col + 48, _mm512_extracti32x4_epi32(codes, 3));          \
+                if (job->bf16) {                                                                             \
+                    uint16_t *o = (uint16_t *)job->out + r * job->ld + col;                                  \
+                    STORE_BF16(o, w0, w1);                                                                   \
+                    STORE_BF16(o + 32, w2, w3);                                                              \
+                } else {                                                                                     \
+                    float *o = (float *)job->out + r * job->ld + col;                                        \
+                    _mm512_storeu_ps(o, w0);                                                                 \
+                    _mm512_storeu_ps(o + 16, w1);                                                            \
+                    _mm512_storeu_ps(o + 32, w2);                                                            \
+                    _mm512_storeu_ps(o + 48, w3);                                                            \
+                }                                                                                            \
+            }                                                                                                \
+        }                                                                                                    \
+    }
+
+/* float -> bf16, round to nearest even, in integers (CPUs without AVX-512 BF16; the weights are finite) */
+EK_AVX512 static inline __m256i bf16_rounded(__m512 w) {
+    const __m512i u = _mm512_castps_si512(w);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16));
+}
+#define EK_STORE_BF16_INT(o, a, b)                                                                           \
+    do {                                                                                                     \
+        _mm256_storeu_si256((__m256i *)(o), bf16_rounded(a));                                                \
+        _mm256_storeu_si256((__m256i *)((o) + 16), bf16_rounded(b));                                         \
+    } while (0)
+#define EK_STORE_BF16_NATIVE(o, a, b) _mm512_storeu_si512((void *)(o), (__m512i)_mm512_cvtne2ps_pbh(b, a))
+#define EK_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,f16c,fma")))
+
+EK_DEQUANT_ROWS(dequant_rows_avx512, EK_AVX512, EK_STORE_BF16_INT)
+EK_DEQUANT_ROWS(dequant_rows_avx512_bf16, EK_AVX512_BF16, EK_STORE_BF16_NATIVE)
+#endif
+
+/* Whether the CPU multiplies bf16 matrices natively (AVX-512 BF16 or AMX): then batched matmuls use bf16. */
+EK_EXPORT int ek_cpu_has_bf16(void) {
+    static int has = -1;
+    if (has < 0) {
+#ifdef EK_X86
+        __builtin_cpu_init();
+        has = __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
+#else
+        has = 0;
+#endif
+    }
+    return has;
+}
+
+static void dequant_rows(void *ctx, int64_t begin, int64_t end) {
+    const dequant_job *job = ctx;
+#ifdef EK_X86
+    if (ek_cpu_level() >= EK_AVX512_VNNI) {
+        if (ek_cpu_has_bf16()) dequant_rows_avx512_bf16(job, begin, end);
+        else dequant_rows_avx512(job, begin, end);
+        return;
+    }
+#endif
+    dequant_rows_generic(job, begin, end);
+}
+
+/* Rows [first, first + n) of m as float32 (bf16 = 0) or bfloat16 (bf16 = 1) into out[n][ld], on the pool's
+ * threads, or on the calling thread alone (`parallel` = 0: between PyTorch's own parallel matmuls, whose
+ * OpenMP threads still spin on the other cores). Returns 0, or -1 when the matrix is not in a supported shape. */
+EK_EXPORT int ek_dequantize(const ek_matrix *m, int64_t first, int64_t n, void *out, int64_t ld, int bf16,
+                            int parallel) {
+    if (!supported(m, m->cols) || first < 0 || n < 0 || first + n > m->rows || ld < m->cols) return -1;
+    dequant_job job = {m, out, first, ld, bf16};
+    if (parallel) parallel_for(n, 16, dequant_rows, &job);
+    else dequant_rows(&job, 0, n);
+    return 0;
+}
+
 
 /* ----------------------------------------------------------------------------------------------------- */
 /* one decode step of a transformer block stack                                                          */
