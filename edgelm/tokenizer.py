@@ -357,7 +357,8 @@ class Tokenizer:
         self._is_spm = isinstance(words, _SpmWords)
         # Special tokens for the partition, longest first (llama.cpp's cache_special_tokens; it leaves the
         # order of equal lengths unspecified, here it is id order).
-        special = [i for i, a in enumerate(attrs) if a & (_PARSED_SPECIAL | TokenAttr.USER_DEFINED)]
+        mask = int(_PARSED_SPECIAL | TokenAttr.USER_DEFINED)  # plain ints: IntFlag's & is slow for 262k tokens
+        special = [i for i, a in enumerate(attrs) if int(a) & mask]
         special.sort(key=lambda i: -len(tokens[i]))
         self._always_split = [(tokens[i], i) for i in special if not attrs[i] & _PARSED_SPECIAL]
         self._split_when_parsing = [(tokens[i], i) for i in special]

@@ -207,7 +207,8 @@ def test_lorc_round_trip_is_exact_and_counts_the_factor_bytes(tmp_path):
     layout = round_trip(lorc, tokenizer, tmp_path / "lorc")
     assert layout["tok_embeddings"] == {"kind": "lorc", "wraps": "embedding", "out_features":
                                         lorc.tok_embeddings.num_embeddings, "in_features": 128, "bits": 3,
-                                        "group_size": 32, "symmetric": False, "bias": False, "rank": 8}
+                                        "group_size": 32, "symmetric": False, "bias": False, "rank": 8,
+                                        "layout": "planes"}
     assert layout["layers.0.attn.wq"]["kind"] == "lorc" and layout["layers.0.attn.wq"]["wraps"] == "linear"
     assert not any(name.endswith(".quantized") for name in layout)
     # Same weights represented; every compensated matrix adds r (out + in) float16 numbers.

@@ -23,7 +23,8 @@ from torch import nn
 from edgelm.errors import ModelFormatError
 
 FORMAT = "edgelm"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: packed codes may be stored in the kernels' plane layout
+OLDEST_READABLE = 1
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
 
 
@@ -40,6 +41,7 @@ def save_artifact(model: nn.Module, tokenizer, out_dir: str | os.PathLike[str], 
     if out_dir.exists() and not is_artifact(out_dir) and any(out_dir.iterdir()):
         raise ModelFormatError(f"{out_dir}: exists and is not an edgelm model directory; refusing to overwrite "
                                "it, choose another -o")
+    _plane_layout(model)
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -69,6 +71,16 @@ def save_artifact(model: nn.Module, tokenizer, out_dir: str | os.PathLike[str], 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _plane_layout(model: nn.Module) -> None:
+    """Packed weights go to disk in the kernels' plane layout where their width allows (the same bytes),
+    so that loading needs no conversion and keeps a single copy of the codes."""
+    from edgelm.compress.quant.modules import PackedWeight
+
+    for module in model.modules():
+        if type(module) is PackedWeight:
+            module.to_plane_layout()
 
 
 def load_artifact(path: str | os.PathLike[str]):
@@ -163,6 +175,8 @@ def _quantized_spec(module: nn.Module) -> dict[str, Any]:
 
 def _packed_format(w: nn.Module) -> dict[str, Any]:
     spec = {"bits": w.scheme.bits, "group_size": w.scheme.group_size, "symmetric": w.scheme.symmetric}
+    if getattr(w, "layout", "dense") != "dense":
+        spec["layout"] = w.layout
     if w.zeros.dtype != torch.uint8:  # fractional zero points (ggml's Q4_K/Q4_1 grids, any-precision)
         spec["zero_dtype"] = str(w.zeros.dtype).removeprefix("torch.")
     return spec
@@ -191,7 +205,9 @@ def _build_module(spec: dict[str, Any]) -> nn.Module:
         return (LoRCEmbedding if spec["wraps"] == "embedding" else LoRCLinear)(inner, U, V)
     def packed(rows: int, fmt: dict[str, Any]) -> PackedWeight:
         scheme = QuantScheme(fmt["bits"], fmt["group_size"], fmt["symmetric"])
-        return PackedWeight(rows, spec["in_features"], scheme, zero_dtype=getattr(torch, fmt.get("zero_dtype", "uint8")))
+        weight = PackedWeight(rows, spec["in_features"], scheme, zero_dtype=getattr(torch, fmt.get("zero_dtype", "uint8")))
+        weight.layout = fmt.get("layout", "dense")
+        return weight
 
     if "tiers" in spec:
         weight = RowTieredWeight([packed(t["rows"], t) for t in spec["tiers"]],
@@ -218,9 +234,9 @@ def read_config(path: Path) -> dict[str, Any]:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ModelFormatError(f"{path}: written by a newer edgelm (format version {version}, this edgelm "
                                f"reads up to {FORMAT_VERSION}); upgrade edgelm")
-    if version < FORMAT_VERSION:
+    if version < OLDEST_READABLE:
         raise ModelFormatError(f"{path}: format version {version} is older than this edgelm supports "
-                               f"({FORMAT_VERSION}); re-create it from the source model")
+                               f"({OLDEST_READABLE}..{FORMAT_VERSION}); re-create it from the source model")
     return config
 
 

@@ -142,10 +142,13 @@ class KernelMatrix:
         from edgelm.compress.quant.primitives import unpack
 
         scheme, rows, cols = weight.scheme, weight.out_features, weight.in_features
-        planes = torch.empty(rows, cols * scheme.bits // 8, dtype=torch.uint8)
-        for start in range(0, rows, ROW_BLOCK):  # a block at a time: no full-size temporaries
-            planes[start:start + ROW_BLOCK] = to_planes(unpack(weight.packed[start:start + ROW_BLOCK], scheme.bits,
-                                                               cols), scheme.bits)
+        if weight.layout == "planes":  # already stored this way: shared, not copied
+            planes = weight.packed
+        else:
+            planes = torch.empty(rows, cols * scheme.bits // 8, dtype=torch.uint8)
+            for start in range(0, rows, ROW_BLOCK):  # a block at a time: no full-size temporaries
+                planes[start:start + ROW_BLOCK] = to_planes(unpack(weight.packed[start:start + ROW_BLOCK],
+                                                                   scheme.bits, cols), scheme.bits)
         zeros = weight.zeros if weight.zeros.dtype == torch.float16 else weight.zeros.to(torch.uint8)
         return cls(planes, weight.scales.to(torch.float16), zeros, scheme.bits, scheme.group_size or cols, cols)
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from edgelm import kernels
 from edgelm.compress.quant.primitives import QuantScheme, dequantize, pack, unpack
+from edgelm.kernels.layout import CHUNK, ROW_BLOCK, from_planes, to_planes
 
 # Up to this many tokens per call the fused kernels beat dequantize-then-matmul (which writes and reads a
 # float copy of the weight); prefill chunks take the batched path.
@@ -27,13 +28,20 @@ KERNEL_MAX_TOKENS = 8
 
 
 def kernel_eligible(weight: nn.Module, x: torch.Tensor) -> bool:
-    return (x.shape[0] <= KERNEL_MAX_TOKENS and weight.scale_gain is None and not torch.is_grad_enabled()
-            and x.dtype == torch.float32 and kernels.available())
+    return x.shape[0] <= KERNEL_MAX_TOKENS and batched_eligible(weight, x)
+
+
+# Embedding lookups of up to this many rows go row by row (decoding, speculative verification).
+LOOKUP_MAX_ROWS = 16
+
+
+def kernels_usable(weight: nn.Module) -> bool:
+    """The compiled kernels may compute with this weight now (built, no gradients, no trainable scales)."""
+    return weight.scale_gain is None and not torch.is_grad_enabled() and kernels.available()
 
 
 def batched_eligible(weight: nn.Module, x: torch.Tensor) -> bool:
-    return (weight.scale_gain is None and not torch.is_grad_enabled() and x.dtype == torch.float32
-            and kernels.available())
+    return x.dtype == torch.float32 and kernels_usable(weight)
 
 
 # Rows dequantized at a time by the batched path: the whole matrix for a projection, slices of the
@@ -94,6 +102,9 @@ class PackedWeight(nn.Module):
         self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=torch.float16))
         self.register_buffer("zeros", torch.zeros(out_features, n_groups, dtype=zero_dtype))
         self.scale_gain: torch.Tensor | None = None  # trainable multiplier on the scales (distillation)
+        # How `packed` stores the codes: "dense" (row-wise bit packing) or "planes" (the kernels' layout,
+        # edgelm/kernels/layout.py). Both take exactly `bits` bits per code.
+        self.layout = "dense"
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme,
@@ -108,6 +119,7 @@ class PackedWeight(nn.Module):
     def select_rows(self, rows: torch.Tensor) -> PackedWeight:
         """A PackedWeight of just these rows (same format)."""
         part = PackedWeight(rows.numel(), self.in_features, self.scheme, self.zeros.dtype)
+        part.layout = self.layout
         part.packed.copy_(self.packed[rows])
         part.scales.copy_(self.scales[rows])
         part.zeros.copy_(self.zeros[rows])
@@ -115,9 +127,35 @@ class PackedWeight(nn.Module):
 
     def codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         packed = self.packed if rows is None else self.packed[rows]
+        if self.layout == "planes":
+            return from_planes(packed, self.scheme.bits, self.in_features)
         return unpack(packed, self.scheme.bits, self.in_features)
 
+    def to_plane_layout(self) -> bool:
+        """Store the codes in the kernels' plane layout from now on, replacing the dense packing in place
+        (a block of rows at a time: no second copy of the weight). False when the width does not allow it."""
+        if self.layout == "planes":
+            return True
+        if self.in_features % CHUNK or self.packed.is_meta:
+            return False
+        planes = torch.empty_like(self.packed)  # the same bytes: both layouts take exactly `bits` per code
+        for start in range(0, self.out_features, ROW_BLOCK):
+            block = self.packed[start:start + ROW_BLOCK]
+            planes[start:start + ROW_BLOCK] = to_planes(unpack(block, self.scheme.bits, self.in_features),
+                                                        self.scheme.bits)
+        self.packed = planes
+        self.layout = "planes"
+        self._kernel = None
+        return True
+
     def dequantize(self, rows: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if rows is not None and rows.numel() <= LOOKUP_MAX_ROWS and dtype == torch.float32:
+            km = self.kernel() if kernels_usable(self) else None
+            if km is not None:  # token lookups while decoding: a few rows, in C (bit-exact)
+                out = torch.empty(rows.numel(), self.in_features)
+                for i, row in enumerate(rows.tolist()):
+                    km.dequantize(row, 1, out=out[i:i + 1], parallel=False)
+                return out
         scales = (self.scales if rows is None else self.scales[rows]).float()
         if self.scale_gain is not None:
             scales = scales * (self.scale_gain if rows is None else self.scale_gain[rows])
@@ -132,7 +170,7 @@ class PackedWeight(nn.Module):
     def kernel(self) -> kernels.KernelMatrix | None:
         """This weight in the kernels' layout (built on first use), or None when the kernels cannot run it."""
         if getattr(self, "_kernel", None) is None:
-            if not kernels.supports(self.scheme, self.in_features, self.zeros.dtype):
+            if not kernels.supports(self.scheme, self.in_features, self.zeros.dtype) or not self.to_plane_layout():
                 return None
             self._kernel = kernels.KernelMatrix.from_packed(self)
         return self._kernel
@@ -260,6 +298,10 @@ class RowTieredWeight(nn.Module):
         if rows is None:
             rows = torch.arange(self.out_features)
         out = torch.empty(rows.numel(), self.in_features, dtype=dtype)
+        if rows.numel() <= LOOKUP_MAX_ROWS:  # a few token lookups: row by row beats masking every tier
+            for i, (k, local) in enumerate(zip(self.tier[rows].tolist(), self.local[rows].tolist())):
+                out[i] = self.parts[k].dequantize(rows=torch.tensor([local]), dtype=dtype)[0]
+            return out
         tiers = self.tier[rows]
         for k, part in enumerate(self.parts):
             mine = (tiers == k).nonzero().squeeze(1)

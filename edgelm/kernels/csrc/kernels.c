@@ -415,7 +415,7 @@ EK_AVX512 static inline __m512 load_scales16(const uint16_t *sc, int64_t first, 
         (void)s16;                                                                                           \
         for (int64_t c = 0; c < n_chunks; c++) {                                                             \
             EK_CHUNK_SCALES(c, s_lanes);                                                                     \
-            const __m512 sv = _mm512_mul_ps(dx_lanes(dxb, c), s_lanes);                                      \
+            const __m512 sv = _mm512_mul_ps(dxl[c], s_lanes);                                                \
             acc[c & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(EK_CHUNK_INT(decode_chunk(q + c * kbits * 8, kbits), c)), \
                                          sv, acc[c & 1]);                                                    \
         }                                                                                                    \
@@ -437,7 +437,8 @@ EK_AVX512 static inline __m512 load_scales16(const uint16_t *sc, int64_t first, 
         const int chunk_shift = m->group <= 64 ? 0 : __builtin_ctz((unsigned)m->group / 64); /* chunk->group */\
         if (T == 1) {                                                                                        \
             const int8_t *xq = job->base.xq;                                                                 \
-            const float *dxb = job->base.dx;                                                                 \
+            __m512 dxl[n_chunks]; /* the activation scales per lane, shared by every row */                 \
+            for (int64_t c = 0; c < n_chunks; c++) dxl[c] = dx_lanes(job->base.dx, c);                       \
             for (int64_t r = begin; r < end; r++) {                                                          \
                 const uint8_t *q = m->q + r * row_bytes;                                                     \
                 const uint16_t *sc = m->scales + r * n_groups;                                               \
@@ -884,47 +885,93 @@ static void add_residual(float *x, float *o, const float *post_norm, int64_t n_t
     }
 }
 
+/* Attention splits each token's visible positions in EK_ATTN_SPLITS ranges (so that even one token keeps
+ * every core busy), and one work item takes all the query heads that share a KV head (so the cache, the
+ * largest read of a long-context step, is read once per token, not once per query head). The partial softmax
+ * of each range is merged afterwards; the ranges depend only on the token's position, never on the batch. */
+#define EK_ATTN_SPLITS 2
+
 typedef struct {
     const ek_block_args *a;
     const ek_layer *L;
     const float *q;    /* [T][n_heads * head_dim] */
-    float *out;        /* [T][n_heads * head_dim] */
+    float *part_o;     /* [T][n_heads][SPLITS][head_dim] unnormalized outputs of each range */
+    float *part_ml;    /* [T][n_heads][SPLITS][2] running max and sum of exponentials of each range */
     int64_t pos;       /* position of token 0 */
-    int64_t n_tokens;
 } attention_job;
 
-/* (token, head) pairs in parallel: softmax(q k^T * scale) v over the cache positions the token sees. */
-EK_CLONES static void attention_heads(void *ctx, int64_t begin, int64_t end) {
+EK_CLONES static void attention_ranges(void *ctx, int64_t begin, int64_t end) {
     const attention_job *job = ctx;
     const ek_block_args *a = job->a;
     const int64_t hd = a->head_dim, group = a->n_heads / a->n_kv_heads, q_dim = (int64_t)a->n_heads * hd;
-    float *scores = malloc(sizeof(float) * (size_t)(job->pos + job->n_tokens));
-    if (!scores) return;
+    const int64_t per_token = (int64_t)a->n_kv_heads * EK_ATTN_SPLITS;
+    float *scores = NULL;
+    int64_t capacity = 0;
     for (int64_t item = begin; item < end; item++) {
-        const int64_t t = item / a->n_heads, h = item % a->n_heads, pos = job->pos + t;
-        const int64_t start = job->L->window > 0 && pos - job->L->window + 1 > 0 ? pos - job->L->window + 1 : 0;
-        const int64_t n = pos - start + 1;
-        const float *q = job->q + t * q_dim + h * hd;
-        const float *kc = job->L->k_cache + (h / group) * (int64_t)a->max_len * hd;
-        const float *vc = job->L->v_cache + (h / group) * (int64_t)a->max_len * hd;
-        float best = -INFINITY;
-        for (int64_t j = 0; j < n; j++) {
-            scores[j] = dot_f32(q, kc + (start + j) * hd, hd) * a->attn_scale;
-            best = scores[j] > best ? scores[j] : best;
+        const int64_t t = item / per_token, kvh = (item % per_token) / EK_ATTN_SPLITS, split = item % EK_ATTN_SPLITS;
+        const int64_t pos = job->pos + t;
+        const int64_t first = job->L->window > 0 && pos - job->L->window + 1 > 0 ? pos - job->L->window + 1 : 0;
+        const int64_t n_all = pos - first + 1, size = (n_all + EK_ATTN_SPLITS - 1) / EK_ATTN_SPLITS;
+        const int64_t lo = first + split * size, hi = lo + size < pos + 1 ? lo + size : pos + 1;
+        const int64_t n = hi > lo ? hi - lo : 0;
+        if (n * group > capacity) {
+            free(scores);
+            capacity = n * group;
+            if (!(scores = malloc(sizeof(float) * (size_t)capacity))) return;
         }
-        float total = 0.f;
-        for (int64_t j = 0; j < n; j++) {
-            scores[j] = expf(scores[j] - best);
-            total += scores[j];
+        const float *kc = job->L->k_cache + kvh * (int64_t)a->max_len * hd;
+        const float *vc = job->L->v_cache + kvh * (int64_t)a->max_len * hd;
+        const float *q = job->q + t * q_dim + kvh * group * hd;
+        for (int64_t j = 0; j < n; j++) /* each cached key read once for the group's heads */
+            for (int64_t g = 0; g < group; g++)
+                scores[g * n + j] = dot_f32(q + g * hd, kc + (lo + j) * hd, hd) * a->attn_scale;
+        for (int64_t g = 0; g < group; g++) {
+            const int64_t h = kvh * group + g;
+            float *ml = job->part_ml + ((t * a->n_heads + h) * EK_ATTN_SPLITS + split) * 2;
+            float *o = job->part_o + ((t * a->n_heads + h) * EK_ATTN_SPLITS + split) * hd;
+            float best = -INFINITY, total = 0.f;
+            for (int64_t j = 0; j < n; j++) best = scores[g * n + j] > best ? scores[g * n + j] : best;
+            for (int64_t j = 0; j < n; j++) {
+                scores[g * n + j] = expf(scores[g * n + j] - best);
+                total += scores[g * n + j];
+            }
+            ml[0] = best;
+            ml[1] = total;
+            memset(o, 0, sizeof(float) * (size_t)hd);
         }
-        float *o = job->out + t * q_dim + h * hd;
-        memset(o, 0, sizeof(float) * (size_t)hd);
-        for (int64_t j = 0; j < n; j++) {
-            const float *v = vc + (start + j) * hd, p = scores[j] / total;
-            for (int64_t i = 0; i < hd; i++) o[i] += p * v[i];
+        for (int64_t j = 0; j < n; j++) { /* and each cached value once */
+            const float *v = vc + (lo + j) * hd;
+            for (int64_t g = 0; g < group; g++) {
+                float *o = job->part_o + ((t * a->n_heads + kvh * group + g) * EK_ATTN_SPLITS + split) * hd;
+                const float p = scores[g * n + j];
+                for (int64_t i = 0; i < hd; i++) o[i] += p * v[i];
+            }
         }
     }
     free(scores);
+}
+
+/* out [T][n_heads * head_dim] = the ranges' partial softmaxes merged. */
+static void merge_attention(const attention_job *job, float *out, int64_t n_tokens) {
+    const ek_block_args *a = job->a;
+    const int64_t hd = a->head_dim;
+    for (int64_t th = 0; th < n_tokens * a->n_heads; th++) {
+        const float *ml = job->part_ml + th * EK_ATTN_SPLITS * 2;
+        float best = -INFINITY, total = 0.f, weight[EK_ATTN_SPLITS];
+        for (int s = 0; s < EK_ATTN_SPLITS; s++)
+            if (ml[2 * s + 1] > 0.f && ml[2 * s] > best) best = ml[2 * s];
+        for (int s = 0; s < EK_ATTN_SPLITS; s++) {
+            weight[s] = ml[2 * s + 1] > 0.f ? expf(ml[2 * s] - best) : 0.f;
+            total += weight[s] * ml[2 * s + 1];
+        }
+        float *o = out + th * hd;
+        memset(o, 0, sizeof(float) * (size_t)hd);
+        for (int s = 0; s < EK_ATTN_SPLITS; s++) {
+            if (weight[s] == 0.f) continue;
+            const float *po = job->part_o + (th * EK_ATTN_SPLITS + s) * hd, w = weight[s] / total;
+            for (int64_t i = 0; i < hd; i++) o[i] += w * po[i];
+        }
+    }
 }
 
 /* Run the hidden states x [T][dim] of T consecutive tokens at positions pos .. pos + T - 1 through every
@@ -942,9 +989,12 @@ EK_EXPORT int ek_decode_layers(const ek_block_args *a, const ek_layer *layers, f
     float *v = malloc(sizeof(float) * (size_t)(T * kv_dim)), *att = malloc(sizeof(float) * (size_t)(T * q_dim));
     float *gate = malloc(sizeof(float) * (size_t)(T * hidden)), *up = malloc(sizeof(float) * (size_t)(T * hidden));
     float *o = malloc(sizeof(float) * (size_t)(T * dim));
+    float *part_o = malloc(sizeof(float) * (size_t)(T * q_dim * EK_ATTN_SPLITS));
+    float *part_ml = malloc(sizeof(float) * (size_t)(T * a->n_heads * EK_ATTN_SPLITS * 2));
     act_scratch scratch = {malloc((size_t)(T * wide)), malloc(sizeof(float) * (size_t)(T * wide / 32)),
                            malloc(sizeof(float) * (size_t)(T * wide / 32))};
-    int status = (h && q && k && v && att && gate && up && o && scratch.xq && scratch.dx && scratch.bsum) ? 0 : -2;
+    int status = (h && q && k && v && att && gate && up && o && part_o && part_ml && scratch.xq && scratch.dx &&
+                  scratch.bsum) ? 0 : -2;
     if (T < 1 || pos < 0 || pos + T > a->max_len) status = -3;
     for (int32_t l = 0; l < a->n_layers && status == 0; l++) {
         const ek_layer *L = &layers[l];
@@ -971,8 +1021,9 @@ EK_EXPORT int ek_decode_layers(const ek_block_args *a, const ek_layer *layers, f
                 memcpy(L->v_cache + (head * (int64_t)a->max_len + p) * hd, vt + head * hd, sizeof(float) * (size_t)hd);
             }
         }
-        attention_job aj = {a, L, q, att, pos, T};
-        parallel_for(T * a->n_heads, 1, attention_heads, &aj);
+        attention_job aj = {a, L, q, part_o, part_ml, pos};
+        parallel_for(T * a->n_kv_heads * EK_ATTN_SPLITS, 1, attention_ranges, &aj);
+        merge_attention(&aj, att, T);
         const ek_matrix *wo[1] = {&L->wo};
         float *o_out[1] = {o};
         if ((status = project(wo, o_out, 1, att, T, q_dim, &scratch))) break;
@@ -988,7 +1039,7 @@ EK_EXPORT int ek_decode_layers(const ek_block_args *a, const ek_layer *layers, f
         if ((status = project(down, down_out, 1, h, T, hidden, &scratch))) break;
         add_residual(x, o, L->post_ffn_norm, T, dim, a->norm_eps);
     }
-    free(h); free(q); free(k); free(v); free(att); free(gate); free(up); free(o);
+    free(h); free(q); free(k); free(v); free(att); free(gate); free(up); free(o); free(part_o); free(part_ml);
     free(scratch.xq); free(scratch.dx); free(scratch.bsum);
     return status;
 }
