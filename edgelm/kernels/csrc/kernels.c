@@ -411,15 +411,32 @@ EK_AVX512 static inline __m512 load_scales16(const uint16_t *sc, int64_t first, 
  * (row, token), so a batch matches single tokens bit for bit. */
 #define EK_ROW_DOT(result)                                                                                   \
     do {                                                                                                     \
-        __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, s16 = _mm512_setzero_ps(), s_lanes;      \
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), s16 = _mm512_setzero_ps(), sl0, sl1;  \
         (void)s16;                                                                                           \
-        for (int64_t c = 0; c < n_chunks; c++) {                                                             \
-            EK_CHUNK_SCALES(c, s_lanes);                                                                     \
-            const __m512 sv = _mm512_mul_ps(dxl[c], s_lanes);                                                \
-            acc[c & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(EK_CHUNK_INT(decode_chunk(q + c * kbits * 8, kbits), c)), \
-                                         sv, acc[c & 1]);                                                    \
+        int64_t c = 0;                                                                                       \
+        for (; c + 1 < n_chunks; c += 2) {                                                                   \
+            EK_CHUNK_SCALES(c, sl0);                                                                         \
+            EK_CHUNK_SCALES(c + 1, sl1);                                                                     \
+            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(EK_CHUNK_INT(decode_chunk(q + c * kbits * 8, kbits), c)), \
+                                   _mm512_mul_ps(dxl[c], sl0), acc0);                                        \
+            acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(EK_CHUNK_INT(decode_chunk(q + (c + 1) * kbits * 8, kbits), c + 1)), \
+                                   _mm512_mul_ps(dxl[c + 1], sl1), acc1);                                    \
         }                                                                                                    \
-        result = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));                                        \
+        if (c < n_chunks) {                                                                                  \
+            EK_CHUNK_SCALES(c, sl0);                                                                         \
+            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(EK_CHUNK_INT(decode_chunk(q + c * kbits * 8, kbits), c)), \
+                                   _mm512_mul_ps(dxl[c], sl0), acc0);                                        \
+        }                                                                                                    \
+        result = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));                                            \
+    } while (0)
+
+/* One chunk of the tile: every row's dot with the token's activations x (scales d), into accumulator acc. */
+#define EK_TILE_CHUNK(acc, c, x, d)                                                                          \
+    do {                                                                                                     \
+        _Pragma("GCC unroll 4") for (int i = 0; i < EK_TILE_ROWS; i++) {                                     \
+            const __m512i dot_ = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[i][c], x);                \
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_), _mm512_mul_ps(d, scales[i][c]), acc[i]);      \
+        }                                                                                                    \
     } while (0)
 
 /* Several tokens: EK_TILE_ROWS rows are decoded once (codes and scales kept in registers' worth of
@@ -470,20 +487,24 @@ EK_AVX512 static inline __m512 load_scales16(const uint16_t *sc, int64_t first, 
             for (int64_t t = 0; t < T; t++) {                                                                \
                 const int8_t *xq = job->base.xq + t * cols;                                                  \
                 const float *dxb = job->base.dx + t * (cols / 32);                                           \
-                __m512 acc[EK_TILE_ROWS][2];                                                                 \
-                for (int i = 0; i < EK_TILE_ROWS; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();           \
-                for (int64_t c = 0; c < n_chunks; c++) {                                                     \
-                    const __m512i x = _mm512_loadu_si512((const void *)(xq + c * 64));                       \
-                    const __m512 d = dx_lanes(dxb, c);                                                       \
-                    for (int i = 0; i < EK_TILE_ROWS; i++) {                                                 \
-                        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[i][c], x);     \
-                        acc[i][c & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, scales[i][c]), \
-                                                        acc[i][c & 1]);                                      \
-                    }                                                                                        \
+                __m512 acc0[EK_TILE_ROWS], acc1[EK_TILE_ROWS]; /* even and odd chunks, as a single token */   \
+                for (int i = 0; i < EK_TILE_ROWS; i++) acc0[i] = acc1[i] = _mm512_setzero_ps();              \
+                int64_t c = 0;                                                                               \
+                for (; c + 1 < n_chunks; c += 2) {                                                           \
+                    const __m512i x0 = _mm512_loadu_si512((const void *)(xq + c * 64));                      \
+                    const __m512i x1 = _mm512_loadu_si512((const void *)(xq + (c + 1) * 64));                \
+                    const __m512 d0 = dx_lanes(dxb, c), d1 = dx_lanes(dxb, c + 1);                           \
+                    EK_TILE_CHUNK(acc0, c, x0, d0);                                                          \
+                    EK_TILE_CHUNK(acc1, c + 1, x1, d1);                                                      \
+                }                                                                                            \
+                if (c < n_chunks) {                                                                          \
+                    const __m512i x0 = _mm512_loadu_si512((const void *)(xq + c * 64));                      \
+                    const __m512 d0 = dx_lanes(dxb, c);                                                      \
+                    EK_TILE_CHUNK(acc0, c, x0, d0);                                                          \
                 }                                                                                            \
                 for (int i = 0; i < nr; i++) {                                                               \
                     const int64_t r = r0 + i;                                                                \
-                    const float y = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1])) -              \
+                    const float y = _mm512_reduce_add_ps(_mm512_add_ps(acc0[i], acc1[i])) -              \
                                     zero_term(m->scales + r * n_groups, m->zeros ? m->zeros + r * n_groups : NULL, \
                                               m->zeros_f16 ? m->zeros_f16 + r * n_groups : NULL,             \
                                               job->gsum + t * n_groups, n_groups);                           \
