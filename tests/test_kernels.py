@@ -231,3 +231,26 @@ def test_prefill_multiplies_in_the_cpus_fast_dtype(tmp_path):
         model.clear_caches()
     assert (fast - exact).norm() / exact.norm() < 0.03
     assert torch.equal(fast, exact) == (kernels.batched_dtype() == torch.float32)
+
+
+@needs_kernels
+def test_row_tiers_run_as_one_job_with_each_part_in_its_columns():
+    from edgelm.compress.quant.modules import RowTieredWeight
+
+    parts = [packed(300, 128, 8, 32, seed=1), packed(100, 128, 3, 64, seed=2), packed(112, 128, 6, 16, seed=3)]
+    order = torch.randperm(512, generator=torch.Generator().manual_seed(6))
+    tiered = RowTieredWeight.from_parts([order[:300].sort().values, order[300:400].sort().values,
+                                         order[400:].sort().values], parts)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        got = tiered.matmul(x)
+        one_by_one = torch.empty(3, 512)
+        qa = QuantizedActivations(x)
+        for part, rows in zip(tiered.parts, tiered.rows):
+            part.kernel().matvec(qa, out=one_by_one, out_index=rows)
+        single = tiered.matmul(x[1:2])
+    assert tiered.kernel_parts() is not None
+    assert torch.equal(got, one_by_one)  # the same arithmetic per row, whichever job runs it
+    assert torch.equal(got[1:2], single)  # and the same for one token as for three
+    exact = x.double() @ tiered.dequantize().double().T
+    assert (got.double() - exact).norm() / exact.norm() < 0.02

@@ -43,6 +43,8 @@ def _library() -> ctypes.CDLL | None:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.ek_matvec.argtypes = [ctypes.POINTER(_Matrix), i64, p, p, p, p, i64, p]
     lib.ek_matvec.restype = ctypes.c_int
+    lib.ek_matvec_parts.argtypes = [p, p, ctypes.c_int, i64, p, p, p, p, i64]
+    lib.ek_matvec_parts.restype = ctypes.c_int
     lib.ek_quantize_act.argtypes = [p, i64, p, p, p]
     lib.ek_quantize_act.restype = None
     lib.ek_set_threads.argtypes = [ctypes.c_int]
@@ -185,4 +187,35 @@ class KernelMatrix:
         if status:
             raise RuntimeError(f"edgelm kernel rejected a {self.rows}x{self.cols} {self.bits}-bit matrix "
                                f"(group {self.group}): status {status}")
+        return out
+
+
+MAX_PARTS = 8
+
+
+class KernelParts:
+    """Matrices that write disjoint columns of one output (the row tiers of an output matrix), run as one
+    parallel job: one hand-off to the threads instead of one per part."""
+
+    def __init__(self, matrices: list[KernelMatrix], out_indices: list[torch.Tensor]):
+        if not 1 <= len(matrices) <= MAX_PARTS or len({m.cols for m in matrices}) != 1:
+            raise ValueError(f"1..{MAX_PARTS} matrices with the same number of columns")
+        self.matrices, self.cols = matrices, matrices[0].cols
+        self.out_indices = [index.to(torch.int32).contiguous() for index in out_indices]
+        self.width = sum(m.rows for m in matrices)
+        n = len(matrices)
+        self._structs = (ctypes.c_void_p * n)(*(ctypes.addressof(m._struct) for m in matrices))
+        self._indices = (ctypes.c_void_p * n)(*(index.data_ptr() for index in self.out_indices))
+
+    def matvec(self, x: torch.Tensor | QuantizedActivations, out: torch.Tensor | None = None) -> torch.Tensor:
+        qa = x if isinstance(x, QuantizedActivations) else QuantizedActivations(x)
+        if qa.cols != self.cols:
+            raise ValueError(f"activations have {qa.cols} columns, the matrices {self.cols}")
+        if out is None:
+            out = torch.empty(qa.n_tokens, self.width)
+        status = _library().ek_matvec_parts(self._structs, self._indices, len(self.matrices), qa.n_tokens,
+                                            qa.xq.data_ptr(), qa.dx.data_ptr(), qa.bsum.data_ptr(), out.data_ptr(),
+                                            out.stride(0))
+        if status:
+            raise RuntimeError(f"edgelm kernels rejected the parts (status {status})")
         return out

@@ -286,6 +286,7 @@ class RowTieredWeight(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
+        self._kernel_parts = None
         self._index()
 
     @property
@@ -313,8 +314,24 @@ class RowTieredWeight(nn.Module):
     def storage_bytes(self) -> int:
         return sum(p.storage_bytes for p in self.parts) + self.tier.numel()
 
+    def kernel_parts(self) -> kernels.KernelParts | None:
+        """All the parts on the kernels as one job (built on first use), or None when some part cannot run."""
+        if getattr(self, "_kernel_parts", None) is None:
+            matrices = [part.kernel() for part in self.parts]
+            if any(m is None for m in matrices) or len(matrices) > kernels.MAX_PARTS:
+                return None
+            self._kernel_parts = kernels.KernelParts(matrices, self.rows)
+        return self._kernel_parts
+
+    def _apply(self, fn, recurse=True):
+        self._kernel_parts = None
+        return super()._apply(fn, recurse)
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] @ Wᵀ -> [T, out]: each part computes its rows and writes them into their columns."""
+        parts = self.kernel_parts() if kernel_eligible(self, x) else None
+        if parts is not None:
+            return parts.matvec(x)
         out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
         shared = kernels.QuantizedActivations(x) if kernel_eligible(self, x) else None  # quantized once
         for part, rows in zip(self.parts, self.rows):

@@ -584,8 +584,9 @@ static float *group_sums(const ek_matrix *m, const prepared_act *pa) {
 }
 
 /* Several matrices with the same input, as one parallel job over their stacked rows (one thread
- * hand-off instead of one per matrix: q/k/v, gate/up). Matrix i writes ys[i][t * strides[i] + row]. */
-#define EK_MAX_STACK 4
+ * hand-off instead of one per matrix: q/k/v, gate/up, the row tiers of an output matrix). Matrix i writes
+ * ys[i][t * strides[i] + out_index[i][row]] (out_index NULL or its entry NULL: the row itself). */
+#define EK_MAX_STACK 8
 typedef struct {
     int n;
     const ek_matrix *ms[EK_MAX_STACK];
@@ -594,7 +595,7 @@ typedef struct {
     float *gsums[EK_MAX_STACK];
     int64_t first_row[EK_MAX_STACK + 1];
     const prepared_act *pa;
-    const int32_t *out_index;
+    const int32_t *out_index[EK_MAX_STACK];
 } stacked_job;
 
 static void stacked_rows(void *ctx, int64_t begin, int64_t end) {
@@ -603,14 +604,14 @@ static void stacked_rows(void *ctx, int64_t begin, int64_t end) {
         int64_t lo = begin > job->first_row[i] ? begin : job->first_row[i];
         int64_t hi = end < job->first_row[i + 1] ? end : job->first_row[i + 1];
         if (lo < hi)
-            matrix_rows(job->ms[i], job->pa, job->gsums[i], job->ys[i], job->strides[i], job->out_index,
+            matrix_rows(job->ms[i], job->pa, job->gsums[i], job->ys[i], job->strides[i], job->out_index[i],
                         lo - job->first_row[i], hi - job->first_row[i]);
     }
 }
 
 static int matvec_stacked(const ek_matrix *const *ms, float *const *ys, const int64_t *strides, int n,
-                          const prepared_act *pa, const int32_t *out_index) {
-    stacked_job job = {.n = n, .pa = pa, .out_index = out_index};
+                          const prepared_act *pa, const int32_t *const *out_index) {
+    stacked_job job = {.n = n, .pa = pa};
     if (n < 1 || n > EK_MAX_STACK) return -1;
     int status = 0;
     for (int i = 0; i < n; i++) {
@@ -618,6 +619,7 @@ static int matvec_stacked(const ek_matrix *const *ms, float *const *ys, const in
         job.ms[i] = ms[i];
         job.ys[i] = ys[i];
         job.strides[i] = strides[i];
+        job.out_index[i] = out_index ? out_index[i] : NULL;
         job.first_row[i + 1] = job.first_row[i] + ms[i]->rows;
     }
     for (int i = 0; i < n; i++)  /* once per call, not per parallel piece */
@@ -638,7 +640,22 @@ static int matvec_stacked(const ek_matrix *const *ms, float *const *ys, const in
 EK_EXPORT int ek_matvec(const ek_matrix *m, int64_t n_tokens, const int8_t *xq, const float *dx,
                         const float *bsum, float *y, int64_t out_stride, const int32_t *out_index) {
     const prepared_act pa = {n_tokens, m->cols, xq, dx, bsum};
-    return matvec_stacked(&m, &y, &out_stride, 1, &pa, out_index);
+    return matvec_stacked(&m, &y, &out_stride, 1, &pa, &out_index);
+}
+
+/* The same for up to 8 matrices writing disjoint columns of one output y [T][out_stride] (an output
+ * matrix split into row tiers), as one parallel job. */
+EK_EXPORT int ek_matvec_parts(const ek_matrix *const *ms, const int32_t *const *out_index, int n, int64_t n_tokens,
+                              const int8_t *xq, const float *dx, const float *bsum, float *y, int64_t out_stride) {
+    if (n < 1 || n > EK_MAX_STACK) return -1;
+    const prepared_act pa = {n_tokens, ms[0]->cols, xq, dx, bsum};
+    float *ys[EK_MAX_STACK];
+    int64_t strides[EK_MAX_STACK];
+    for (int i = 0; i < n; i++) {
+        ys[i] = y;
+        strides[i] = out_stride;
+    }
+    return matvec_stacked(ms, ys, strides, n, &pa, out_index);
 }
 
 /* ----------------------------------------------------------------------------------------------------- */
