@@ -43,6 +43,8 @@ def _library() -> ctypes.CDLL | None:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.ek_matvec.argtypes = [ctypes.POINTER(_Matrix), i64, p, p, p, p, i64, p]
     lib.ek_matvec.restype = ctypes.c_int
+    lib.ek_kv_quantize.argtypes = [p, i64, ctypes.c_int32, ctypes.c_int32, p, p, p]
+    lib.ek_kv_quantize.restype = None
     lib.ek_matvec_parts.argtypes = [p, p, ctypes.c_int, i64, p, p, p, p, i64]
     lib.ek_matvec_parts.restype = ctypes.c_int
     lib.ek_quantize_act.argtypes = [p, i64, p, p, p]

@@ -7,8 +7,9 @@ the kernels, reading the model's own weights and static KV cache in place (no co
 with the embedding row, the final norm, the output matrix (also on the kernels) and sampling.
 
 A model runs here when every projection of every block is a quantized layer the kernels support and its
-KV cache is the plain float32 one; anything else (float or low-rank layers, a quantized KV cache, a
-batch) decodes on the eager path, with the same results up to the int8 activations of the kernels.
+KV cache is float32 or quantized to 8/4 bits (`--kv-bits`: the step writes and reads the same codes as
+the eager path); anything else (float or low-rank layers, a batch) decodes on the eager path, with the
+same results up to the int8 activations of the kernels.
 """
 
 from __future__ import annotations
@@ -37,11 +38,16 @@ class _BlockArgs(ctypes.Structure):
 _P = ctypes.c_void_p
 
 
+class _KVQuant(ctypes.Structure):
+    _fields_ = [("bits", ctypes.c_int32), ("group", ctypes.c_int32), ("codes", _P), ("scales", _P), ("zeros", _P)]
+
+
 class _Layer(ctypes.Structure):
     _fields_ = [*((name, _Matrix) for _, name in PROJECTIONS),
                 ("attn_norm", _P), ("ffn_norm", _P), ("post_attn_norm", _P), ("post_ffn_norm", _P),
                 ("q_norm", _P), ("k_norm", _P), ("bq", _P), ("bk", _P), ("bv", _P),
-                ("rope_cos", _P), ("rope_sin", _P), ("k_cache", _P), ("v_cache", _P), ("window", ctypes.c_int32)]
+                ("rope_cos", _P), ("rope_sin", _P), ("k_cache", _P), ("v_cache", _P),
+                ("k_quant", _KVQuant), ("v_quant", _KVQuant), ("window", ctypes.c_int32)]
 
 
 class NativeDecoder:
@@ -74,7 +80,14 @@ class NativeDecoder:
             layer.bq, layer.bk, layer.bv = (self._ptr(getattr(attn, n).bias) for n in ("wq", "wk", "wv"))
             local = args.is_local(i)
             layer.rope_cos, layer.rope_sin = tables["local" if local else "global"]
-            layer.k_cache, layer.v_cache = attn.kv_cache.k.data_ptr(), attn.kv_cache.v.data_ptr()
+            cache = attn.kv_cache
+            if type(cache) is KVCache:
+                layer.k_cache, layer.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
+            else:  # quantized: the same codes, scales and zeros the eager path reads and writes
+                for name in ("k", "v"):
+                    setattr(layer, f"{name}_quant", _KVQuant(
+                        cache.scheme.bits, cache.scheme.group_size, getattr(cache, f"{name}_codes").data_ptr(),
+                        getattr(cache, f"{name}_scales").data_ptr(), getattr(cache, f"{name}_zeros").data_ptr()))
             layer.window = args.sliding_window if local else 0
         self.layers = layers
         self.lib = _library()
@@ -135,8 +148,7 @@ def _eligible(model: Transformer) -> bool:
 
     for block in model.layers:
         attn = getattr(block, "attn", None)
-        cache = getattr(attn, "kv_cache", None)
-        if type(cache) is not KVCache or cache.k.dtype != torch.float32 or cache.k.shape[0] != 1:
+        if not _cache_supported(getattr(attn, "kv_cache", None), model.args.head_dim):
             return False
         if not hasattr(block, "attn_norm") or not hasattr(block, "ffn_norm") or _activation(block.ffn) is None:
             return False
@@ -147,6 +159,20 @@ def _eligible(model: Transformer) -> bool:
         if type(block).forward is not _standard_forward(block):
             return False
     return True
+
+
+def _cache_supported(cache, head_dim: int) -> bool:
+    """A float32 cache, or an 8-/4-bit quantized one (asymmetric groups that divide the head)."""
+    from edgelm.runtime.kv_cache import QuantizedKVCache
+
+    if type(cache) is KVCache:
+        return cache.k.dtype == torch.float32 and cache.k.shape[0] == 1
+    if type(cache) is QuantizedKVCache:
+        scheme = cache.scheme
+        group = scheme.group_size or head_dim
+        return (cache.k_codes.shape[0] == 1 and scheme.bits in (4, 8) and not scheme.symmetric
+                and head_dim % group == 0 and group % 2 == 0)
+    return False
 
 
 def _activation(ffn) -> str | None:

@@ -818,6 +818,89 @@ EK_EXPORT int ek_dequantize(const ek_matrix *m, int64_t first, int64_t n, void *
 #define EK_CLONES
 #endif
 
+/* A quantized KV cache (edgelm/runtime/kv_cache.py): each cached vector of head_dim values is cut into
+ * groups with an fp16 scale and a uint8 zero point, codes of `bits` bits packed densely (4-bit: two per byte,
+ * low nibble first). */
+typedef struct {
+    int32_t bits, group;   /* bits 0: not quantized */
+    uint8_t *codes;        /* [n_kv_heads][max_len][head_dim * bits / 8] */
+    uint16_t *scales;      /* [n_kv_heads][max_len][head_dim / group] */
+    uint8_t *zeros;        /* [n_kv_heads][max_len][head_dim / group] */
+} ek_kv_quant;
+
+/* float -> fp16, round to nearest even (subnormals and overflow included). */
+static uint16_t float_to_half(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint32_t sign = (u >> 16) & 0x8000u;
+    u &= 0x7FFFFFFFu;
+    if (u >= 0x7F800000u) return (uint16_t)(sign | 0x7C00u | (u > 0x7F800000u ? 0x200u : 0u));
+    if (u >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u); /* rounds past the largest half */
+    if (u < 0x38800000u) { /* subnormal half (or zero): value / 2^-24, rounded to even */
+        float scaled;
+        memcpy(&scaled, &u, 4);
+        return (uint16_t)(sign | (uint16_t)rintf(scaled * 16777216.0f));
+    }
+    const uint32_t rounded = u + 0xFFFu + ((u >> 13) & 1u);
+    return (uint16_t)(sign | ((rounded - 0x38000000u) >> 13));
+}
+
+/* Quantize one head's vector x[n] into position `row` of a quantized cache, as compute_params / quantize /
+ * pack do (asymmetric min-max per group, round half to even, codes clamped to [0, 2^bits - 1]). */
+static void kv_store(const ek_kv_quant *c, int64_t row, const float *x, int64_t n) {
+    const int64_t n_groups = n / c->group, qmax = (1 << c->bits) - 1;
+    uint8_t *codes = c->codes + row * (n * c->bits / 8);
+    if (c->bits == 4) memset(codes, 0, (size_t)(n / 2));
+    for (int64_t g = 0; g < n_groups; g++) {
+        const float *xg = x + g * c->group;
+        float lo = 0.f, hi = 0.f;
+        for (int64_t i = 0; i < c->group; i++) {
+            lo = xg[i] < lo ? xg[i] : lo;
+            hi = xg[i] > hi ? xg[i] : hi;
+        }
+        float scale = (hi - lo) / (float)qmax;
+        float zero = rintf(-lo / (scale > 0.f ? scale : 1.f));
+        if (!(scale > 0.f)) scale = 1e-8f;
+        zero = zero < 0.f ? 0.f : zero > (float)qmax ? (float)qmax : zero;
+        for (int64_t i = 0; i < c->group; i++) {
+            float q = rintf(xg[i] / scale) + zero;
+            q = q < 0.f ? 0.f : q > (float)qmax ? (float)qmax : q;
+            const int64_t j = g * c->group + i;
+            if (c->bits == 8) codes[j] = (uint8_t)q;
+            else codes[j / 2] |= (uint8_t)((int)q << (4 * (j & 1)));
+        }
+        c->scales[row * n_groups + g] = float_to_half(scale);
+        c->zeros[row * n_groups + g] = (uint8_t)zero;
+    }
+}
+
+/* Position `row` of a quantized cache as floats, s * (code - z) with the stored fp16 scale. */
+EK_CLONES static void kv_load(const ek_kv_quant *c, int64_t row, float *out, int64_t n) {
+    const int64_t n_groups = n / c->group;
+    const uint8_t *codes = c->codes + row * (n * c->bits / 8);
+    for (int64_t g = 0; g < n_groups; g++) {
+        const float scale = half_to_float(c->scales[row * n_groups + g]), zero = (float)c->zeros[row * n_groups + g];
+        float *o = out + g * c->group;
+        if (c->bits == 8) {
+            const uint8_t *cg = codes + g * c->group;
+            for (int64_t i = 0; i < c->group; i++) o[i] = ((float)cg[i] - zero) * scale;
+        } else {
+            const uint8_t *cg = codes + g * c->group / 2;
+            for (int64_t i = 0; i < c->group / 2; i++) {
+                o[2 * i] = ((float)(cg[i] & 15) - zero) * scale;
+                o[2 * i + 1] = ((float)(cg[i] >> 4) - zero) * scale;
+            }
+        }
+    }
+}
+
+/* Exposed for tests: quantize n values (one cached vector) as the cache does. */
+EK_EXPORT void ek_kv_quantize(const float *x, int64_t n, int32_t bits, int32_t group, uint8_t *codes,
+                              uint16_t *scales, uint8_t *zeros) {
+    const ek_kv_quant c = {bits, group, codes, scales, zeros};
+    kv_store(&c, 0, x, n);
+}
+
 /* Hyper-parameters of the block stack (mirrors edgelm/models/base.py). */
 typedef struct {
     int32_t n_layers, dim, n_heads, n_kv_heads, head_dim, hidden_dim, max_len;
@@ -833,7 +916,8 @@ typedef struct {
     const float *q_norm, *k_norm;                 /* per-head RMSNorm of q and k (Gemma 3), or NULL */
     const float *bq, *bk, *bv;                    /* q/k/v biases (Qwen2), or NULL */
     const float *rope_cos, *rope_sin;             /* [max_len][head_dim / 2] for this layer's rope base */
-    float *k_cache, *v_cache;                     /* [n_kv_heads][max_len][head_dim] */
+    float *k_cache, *v_cache;                     /* [n_kv_heads][max_len][head_dim], or NULL when: */
+    ek_kv_quant k_quant, v_quant;                 /* the cache is quantized (runtime/kv_cache.py) */
     int32_t window;                               /* sliding window (attend to the last `window`), 0 = global */
 } ek_layer;
 
@@ -943,8 +1027,9 @@ EK_CLONES static void attention_ranges(void *ctx, int64_t begin, int64_t end) {
     const ek_block_args *a = job->a;
     const int64_t hd = a->head_dim, group = a->n_heads / a->n_kv_heads, q_dim = (int64_t)a->n_heads * hd;
     const int64_t per_token = (int64_t)a->n_kv_heads * EK_ATTN_SPLITS;
-    float *scores = NULL;
+    float *scores = NULL, *row = malloc(sizeof(float) * (size_t)hd); /* a dequantized cache row */
     int64_t capacity = 0;
+    if (!row) return;
     for (int64_t item = begin; item < end; item++) {
         const int64_t t = item / per_token, kvh = (item % per_token) / EK_ATTN_SPLITS, split = item % EK_ATTN_SPLITS;
         const int64_t pos = job->pos + t;
@@ -955,14 +1040,19 @@ EK_CLONES static void attention_ranges(void *ctx, int64_t begin, int64_t end) {
         if (n * group > capacity) {
             free(scores);
             capacity = n * group;
-            if (!(scores = malloc(sizeof(float) * (size_t)capacity))) return;
+            if (!(scores = malloc(sizeof(float) * (size_t)capacity))) break;
         }
-        const float *kc = job->L->k_cache + kvh * (int64_t)a->max_len * hd;
-        const float *vc = job->L->v_cache + kvh * (int64_t)a->max_len * hd;
+        const ek_layer *L = job->L;
+        const int64_t base = kvh * (int64_t)a->max_len; /* cache row of position 0 for this KV head */
         const float *q = job->q + t * q_dim + kvh * group * hd;
-        for (int64_t j = 0; j < n; j++) /* each cached key read once for the group's heads */
-            for (int64_t g = 0; g < group; g++)
-                scores[g * n + j] = dot_f32(q + g * hd, kc + (lo + j) * hd, hd) * a->attn_scale;
+        for (int64_t j = 0; j < n; j++) { /* each cached key read once for the group's heads */
+            const float *key = L->k_cache + (base + lo + j) * hd;
+            if (!L->k_cache) {
+                kv_load(&L->k_quant, base + lo + j, row, hd);
+                key = row;
+            }
+            for (int64_t g = 0; g < group; g++) scores[g * n + j] = dot_f32(q + g * hd, key, hd) * a->attn_scale;
+        }
         for (int64_t g = 0; g < group; g++) {
             const int64_t h = kvh * group + g;
             float *ml = job->part_ml + ((t * a->n_heads + h) * EK_ATTN_SPLITS + split) * 2;
@@ -978,7 +1068,11 @@ EK_CLONES static void attention_ranges(void *ctx, int64_t begin, int64_t end) {
             memset(o, 0, sizeof(float) * (size_t)hd);
         }
         for (int64_t j = 0; j < n; j++) { /* and each cached value once */
-            const float *v = vc + (lo + j) * hd;
+            const float *v = L->v_cache + (base + lo + j) * hd;
+            if (!L->v_cache) {
+                kv_load(&L->v_quant, base + lo + j, row, hd);
+                v = row;
+            }
             for (int64_t g = 0; g < group; g++) {
                 float *o = job->part_o + ((t * a->n_heads + kvh * group + g) * EK_ATTN_SPLITS + split) * hd;
                 const float p = scores[g * n + j];
@@ -987,6 +1081,7 @@ EK_CLONES static void attention_ranges(void *ctx, int64_t begin, int64_t end) {
         }
     }
     free(scores);
+    free(row);
 }
 
 /* out [T][n_heads * head_dim] = the ranges' partial softmaxes merged. */
@@ -1055,8 +1150,11 @@ EK_EXPORT int ek_decode_layers(const ek_block_args *a, const ek_layer *layers, f
             for (int64_t head = 0; head < a->n_kv_heads; head++) {
                 if (L->k_norm) rms_norm(kt + head * hd, kt + head * hd, L->k_norm, hd, a->norm_eps);
                 rope(kt + head * hd, cos_row, sin_row, hd, a->rope_neox);
-                memcpy(L->k_cache + (head * (int64_t)a->max_len + p) * hd, kt + head * hd, sizeof(float) * (size_t)hd);
-                memcpy(L->v_cache + (head * (int64_t)a->max_len + p) * hd, vt + head * hd, sizeof(float) * (size_t)hd);
+                const int64_t cache_row = head * (int64_t)a->max_len + p;
+                if (L->k_cache) memcpy(L->k_cache + cache_row * hd, kt + head * hd, sizeof(float) * (size_t)hd);
+                else kv_store(&L->k_quant, cache_row, kt + head * hd, hd);
+                if (L->v_cache) memcpy(L->v_cache + cache_row * hd, vt + head * hd, sizeof(float) * (size_t)hd);
+                else kv_store(&L->v_quant, cache_row, vt + head * hd, hd);
             }
         }
         attention_job aj = {a, L, q, part_o, part_ml, pos};
