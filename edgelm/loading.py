@@ -7,10 +7,12 @@ from pathlib import Path
 from edgelm.errors import ModelFormatError
 
 
-def load(name_or_path: str | Path, *, pull: bool = True, bits: int | None = None):
+def load(name_or_path: str | Path, *, pull: bool = True, bits: int | None = None, keep_quantized: bool = False):
     """Load a model and its tokenizer. Registry names are pulled into the cache on first use.
 
-    `bits` picks the precision of an any-precision model directory (one store, 3- to 8-bit models)."""
+    `bits` picks the precision of an any-precision model directory (one store, 3- to 8-bit models).
+    `keep_quantized` runs a quantized GGUF on its own grids (packed, on the compiled kernels) instead of
+    dequantizing it to float: what inference wants; compression and evaluation start from float."""
     from edgelm.io.artifact import is_artifact, load_artifact
     from edgelm.io.gguf import GGUFFile
     from edgelm.models import load_gguf_model
@@ -31,7 +33,7 @@ def load(name_or_path: str | Path, *, pull: bool = True, bits: int | None = None
                                "make one with `edgelm quantize --method anyprec -o DIR`")
     gguf = GGUFFile(path)
     tokenizer = Tokenizer.from_metadata(gguf.metadata, source=str(path))
-    model = load_gguf_model(gguf)
+    model = load_gguf_model(gguf, keep_quantized=keep_quantized)
     model.source = str(path)
     return model, tokenizer
 

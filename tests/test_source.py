@@ -113,3 +113,25 @@ def test_real_gemma_keeps_its_q4_k_m_grids_losslessly(gemma_path, monkeypatch):
         after = torch.log_softmax(model(ids, logits_at=slice(-8, None)).float(), -1)
     kld = float((before.exp() * (before - after)).sum(-1).mean())
     assert kld < 1e-4
+
+
+def test_inference_loads_a_quantized_gguf_on_its_own_grids(tmp_path):
+    """generate/chat/bench load a quantized GGUF as packed layers (compiled kernels, no float copy); the
+    result is the float model's, as keeping the source is."""
+    from edgelm.runtime.generate import generate_step
+    from edgelm.runtime.sampling import Sampler, SamplingParams
+
+    path = write_tiny_model(tmp_path / "m.gguf", TinyConfig(arch="qwen2", dim=128, hidden_dim=256,
+                                                          weight_type="Q5_0"))
+    float_model, _ = edgelm.load(path)
+    packed_model, _ = edgelm.load(path, keep_quantized=True)
+    assert isinstance(packed_model.layers[0].attn.wq, QuantizedLinear)
+    assert packed_model.layers[0].attn.wq.bias is not None  # qwen2's q/k/v biases are loaded with the rest
+    assert isinstance(packed_model.tok_embeddings, QuantizedEmbedding)
+    assert model_size(packed_model)["bits_per_weight"] < 6.5
+    ids = torch.randint(3, float_model.args.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(packed_model(ids), float_model(ids), rtol=0, atol=1e-5)
+    prompt = [1, 5, 9, 13]
+    greedy = Sampler(SamplingParams(temperature=0))
+    assert len(list(generate_step(packed_model, prompt, greedy, max_tokens=6))) == 6

@@ -305,7 +305,7 @@ class _EdgelmRunner:
 
         torch.set_num_threads(threads)
         start = time.perf_counter()
-        self.model, _ = edgelm.load(model_path, pull=False)
+        self.model, _ = edgelm.load(model_path, pull=False, keep_quantized=True)
         # llama.cpp allocates its KV cache while loading; the static cache here is reused by every phase.
         self.model.setup_caches(context)
         self.load_s = time.perf_counter() - start

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     params = sampling_params(args)
     set_threads(args.threads)
-    model, tokenizer = load_model(args)
+    model, tokenizer = load_model(args, for_inference=True)
     model.set_kv_bits(args.kv_bits)
     if tokenizer.chat_template is None:
         from edgelm.errors import TokenizerError

@@ -18,11 +18,12 @@ def add_precision_argument(parser: argparse.ArgumentParser) -> None:
                         help="precision of an any-precision model directory (e.g. 3 to 8); default: as saved")
 
 
-def load_model(args: argparse.Namespace):
-    """(model, tokenizer) for args.model, at args.bits when the command offers --bits."""
+def load_model(args: argparse.Namespace, *, for_inference: bool = False):
+    """(model, tokenizer) for args.model, at args.bits when the command offers --bits. For inference a
+    quantized GGUF keeps its own grids (compiled kernels) rather than becoming a float model."""
     import edgelm
 
-    return edgelm.load(args.model, bits=getattr(args, "bits", None))
+    return edgelm.load(args.model, bits=getattr(args, "bits", None), keep_quantized=for_inference)
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:

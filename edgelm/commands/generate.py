@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     params = sampling_params(args)
     set_threads(args.threads)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tokenizer = load_model(args)
+    model, tokenizer = load_model(args, for_inference=True)
     model.set_kv_bits(args.kv_bits)
     draft = load_draft(args, model)
     spec = None
@@ -78,7 +78,7 @@ def load_draft(args: argparse.Namespace, model):
     if args.draft.isdigit():
         draft, _ = edgelm.load(args.model, bits=int(args.draft))
     else:
-        draft, _ = edgelm.load(args.draft)
+        draft, _ = edgelm.load(args.draft, keep_quantized=True)
     draft.set_kv_bits(args.kv_bits)
     check_draft(model, draft)
     return draft

@@ -35,19 +35,61 @@ def model_args(gguf: GGUFFile) -> ModelArgs:
     return args
 
 
-def load_gguf_model(gguf: GGUFFile, dtype: torch.dtype = torch.float32) -> Transformer:
-    """Build the model on the meta device and assign dequantized GGUF tensors to it."""
+def load_gguf_model(gguf: GGUFFile, dtype: torch.dtype = torch.float32, keep_quantized: bool = False) -> Transformer:
+    """Build the model on the meta device and assign dequantized GGUF tensors to it.
+
+    keep_quantized: matrices stored in a quantized ggml type that edgelm's packed format can hold
+    (Q8_0, Q4_0/1, Q5_0/1, Q4_K, Q6_K) become quantized layers on the file's own grids instead of float
+    copies (4-8x less memory; decoding runs on the compiled kernels); everything else is dequantized."""
     module = architecture_module(gguf.architecture, str(gguf.path))
     args = model_args(gguf)
     with torch.device("meta"):
         model = module.build(args)
+    names = module.tensor_names(args)
+    kept = _keep_quantized(model, gguf, names) if keep_quantized else set()
     params = dict(model.named_parameters())
     state = {}
-    for param_name, tensor_name in module.tensor_names(args).items():
+    for param_name, tensor_name in names.items():
+        if param_name in kept:
+            continue
         expected = tuple(params[param_name].shape)
         state[param_name] = torch.from_numpy(gguf.dequantize(tensor_name, expected)).to(dtype)
     missing = set(params) - set(state)
     if missing:  # a mapping bug, not a user error
         raise ModelFormatError(f"{gguf.path}: no GGUF tensor for parameters {sorted(missing)[:5]}")
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(state, strict=False, assign=True)
     return model.eval()
+
+
+def _keep_quantized(model: Transformer, gguf: GGUFFile, names: dict[str, str]) -> set[str]:
+    """Swap a quantized layer on the file's grid in for every matrix that has one; their parameter names."""
+    from torch import nn
+
+    from edgelm.compress.quant.modules import PackedWeight, QuantizedEmbedding, QuantizedLinear
+    from edgelm.compress.quant.primitives import QuantScheme
+    from edgelm.compress.recipe import replace_module
+    from edgelm.io.ggml_grids import decode_grid
+
+    kept = set()
+    for param_name, tensor_name in names.items():
+        owner = param_name.removesuffix(".weight")
+        layer = model.get_submodule(owner) if owner != param_name else None
+        if type(layer) not in (nn.Linear, nn.Embedding):
+            continue
+        info = gguf.tensors[tensor_name]
+        grid = decode_grid(info.type_name, info.data, tuple(layer.weight.shape))
+        if grid is None:
+            continue
+        scheme = QuantScheme(grid.bits, grid.group_size, grid.symmetric)
+        packed = PackedWeight.from_codes(torch.from_numpy(grid.codes), torch.from_numpy(grid.scale),
+                                         torch.from_numpy(grid.zero), scheme,
+                                         zero_dtype=torch.uint8 if grid.symmetric else torch.float16)
+        del grid
+        packed.to_plane_layout()
+        if isinstance(layer, nn.Embedding):
+            replace_module(model, owner, QuantizedEmbedding(packed))
+        else:
+            bias = None if layer.bias is None else torch.empty(layer.out_features, device="meta")
+            replace_module(model, owner, QuantizedLinear(packed, bias))  # the bias is loaded with the rest
+        kept.add(param_name)
+    return kept
