@@ -27,6 +27,7 @@ def load(name_or_path: str | Path, *, pull: bool = True, bits: int | None = None
         model, tokenizer = load_artifact(path)
         if bits is not None:
             _set_bits(model, bits, path)
+        release_free_memory()
         return model, tokenizer
     if bits is not None:
         raise ModelFormatError(f"{path}: --bits selects a precision of an any-precision model directory; "
@@ -35,7 +36,22 @@ def load(name_or_path: str | Path, *, pull: bool = True, bits: int | None = None
     tokenizer = Tokenizer.from_metadata(gguf.metadata, source=str(path))
     model = load_gguf_model(gguf, keep_quantized=keep_quantized)
     model.source = str(path)
+    del gguf
+    release_free_memory()
     return model, tokenizer
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc keeps what loading freed: ~85 MB of decoding
+    temporaries for a 250 MB GGUF). Elsewhere a no-op."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _set_bits(model, bits: int, path: Path) -> None:

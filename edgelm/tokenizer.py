@@ -20,6 +20,7 @@ import codecs
 import enum
 import heapq
 import json
+from array import array
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
@@ -337,8 +338,23 @@ class _BpeWords:
         return ids
 
 
+def _compact(value):
+    """Long numeric lists of the metadata as arrays (the vocabulary's scores and types: 10 MB as lists)."""
+    if isinstance(value, list) and len(value) > 1024:
+        if all(type(v) is float for v in value[:64]):
+            return array("f", value)
+        if all(type(v) is int for v in value[:64]):
+            return array("q", value)
+    return value
+
+
 class Tokenizer:
     """Text <-> token ids for one model, built with `Tokenizer.from_metadata(gguf.metadata)`."""
+
+    @property
+    def metadata(self) -> dict:
+        """The tokenizer.* metadata it was built from (to write into a model directory or a GGUF)."""
+        return {k: v.tolist() if isinstance(v, array) else v for k, v in self._metadata.items()}
 
     def __init__(self, *, tokens: list[str], attrs: list[TokenAttr], words: _SpmWords | _BpeWords,
                  bos_id: int | None, eos_id: int | None, eos_ids: frozenset[int], add_bos: bool,
@@ -373,7 +389,8 @@ class Tokenizer:
         model = reader.require("tokenizer.ggml.model", str)
         tokens = reader.require("tokenizer.ggml.tokens", list)
         n = len(tokens)
-        scores = reader.optional_list("tokenizer.ggml.scores", n) or [0.0] * n
+        # float32 arrays, not lists of Python floats: 1 MB instead of 8 for a 262k vocabulary
+        scores = array("f", reader.optional_list("tokenizer.ggml.scores", n) or [0.0] * n)
         token_types = reader.optional_list("tokenizer.ggml.token_type", n) or [1] * n
         attrs = [_ATTR_OF_TOKEN_TYPE.get(t, TokenAttr.UNDEFINED) for t in token_types[:n]]
         token_to_id = {text: i for i, text in enumerate(tokens)}
@@ -408,7 +425,7 @@ class Tokenizer:
                         add_bos=add_bos, add_space_prefix=add_space_prefix,
                         chat_template=metadata.get("tokenizer.chat_template"), source=source)
         # Kept so that compressed artifacts can carry the tokenizer (the lists are shared, not copied).
-        tokenizer.metadata = {k: v for k, v in metadata.items() if k.startswith("tokenizer.")}
+        tokenizer._metadata = {k: _compact(v) for k, v in metadata.items() if k.startswith("tokenizer.")}
         return tokenizer
 
     # -- encoding -------------------------------------------------------------------------------------------

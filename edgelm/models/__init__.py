@@ -65,10 +65,9 @@ def _keep_quantized(model: Transformer, gguf: GGUFFile, names: dict[str, str]) -
     """Swap a quantized layer on the file's grid in for every matrix that has one; their parameter names."""
     from torch import nn
 
-    from edgelm.compress.quant.modules import PackedWeight, QuantizedEmbedding, QuantizedLinear
-    from edgelm.compress.quant.primitives import QuantScheme
+    from edgelm.compress.quant.modules import QuantizedEmbedding, QuantizedLinear
+    from edgelm.compress.quant.source import packed_from_ggml
     from edgelm.compress.recipe import replace_module
-    from edgelm.io.ggml_grids import decode_grid
 
     kept = set()
     for param_name, tensor_name in names.items():
@@ -77,15 +76,9 @@ def _keep_quantized(model: Transformer, gguf: GGUFFile, names: dict[str, str]) -
         if type(layer) not in (nn.Linear, nn.Embedding):
             continue
         info = gguf.tensors[tensor_name]
-        grid = decode_grid(info.type_name, info.data, tuple(layer.weight.shape))
-        if grid is None:
+        packed = packed_from_ggml(info.type_name, info.data, tuple(layer.weight.shape))
+        if packed is None:
             continue
-        scheme = QuantScheme(grid.bits, grid.group_size, grid.symmetric)
-        packed = PackedWeight.from_codes(torch.from_numpy(grid.codes), torch.from_numpy(grid.scale),
-                                         torch.from_numpy(grid.zero), scheme,
-                                         zero_dtype=torch.uint8 if grid.symmetric else torch.float16)
-        del grid
-        packed.to_plane_layout()
         if isinstance(layer, nn.Embedding):
             replace_module(model, owner, QuantizedEmbedding(packed))
         else:

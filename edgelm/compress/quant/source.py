@@ -13,11 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
 from edgelm.compress.quant.modules import PackedWeight
-from edgelm.compress.quant.primitives import QuantScheme
+from edgelm.compress.quant.primitives import QuantScheme, pack
 from edgelm.compress.quant.rtn import swap_in_quantized
 from edgelm.compress.recipe import Step, target_modules
 
@@ -42,25 +43,47 @@ class SourceGrids:
 
     def weight(self, module_name: str, module: nn.Module) -> PackedWeight | None:
         """The source grid of `module`'s weight, or None (no quantized source, or the weight changed since)."""
-        from edgelm.io.ggml_grids import decode_grid
-
         tensor_name = self.names.get(f"{module_name}.weight")
         if self.file is None or tensor_name is None:
             return None
         info = self.file.tensors[tensor_name]
-        grid = decode_grid(info.type_name, info.data, tuple(module.weight.shape))
-        if grid is None:
+        packed = packed_from_ggml(info.type_name, info.data, tuple(module.weight.shape))
+        if packed is None:
             return None
-        scheme = QuantScheme(grid.bits, grid.group_size, grid.symmetric)
-        zero_dtype = torch.uint8 if grid.symmetric else torch.float16
-        packed = PackedWeight.from_codes(torch.from_numpy(grid.codes), torch.from_numpy(grid.scale),
-                                         torch.from_numpy(grid.zero), scheme, zero_dtype=zero_dtype)
         current = module.weight.detach().float()
         # A pruning or distillation step before this one changed the weights: the file no longer describes them.
         tolerance = 2e-3 * float(current.abs().max())
         if not torch.allclose(packed.dequantize(), current, rtol=0, atol=tolerance):
             return None
         return packed
+
+
+GGML_ROW_BLOCK = 8192  # rows decoded at a time: bounds the temporaries for a 262k-row embedding
+
+
+def packed_from_ggml(type_name: str, raw, shape: tuple[int, int]) -> PackedWeight | None:
+    """A ggml-quantized 2-D tensor as edgelm's packed weight on the same grid (None: no such grid), built
+    a block of rows at a time straight into the kernels' plane layout where the width allows."""
+    from edgelm.io.ggml_grids import decode_grid
+    from edgelm.kernels.layout import CHUNK, to_planes
+
+    rows, cols = shape
+    raw = np.asarray(raw, dtype=np.uint8).reshape(rows, -1)
+    first = decode_grid(type_name, raw[:1], (1, cols))
+    if first is None:
+        return None
+    scheme = QuantScheme(first.bits, first.group_size, first.symmetric)
+    weight = PackedWeight(rows, cols, scheme, zero_dtype=torch.uint8 if first.symmetric else torch.float16)
+    planes = cols % CHUNK == 0
+    for start in range(0, rows, GGML_ROW_BLOCK):
+        grid = decode_grid(type_name, raw[start:start + GGML_ROW_BLOCK], (min(GGML_ROW_BLOCK, rows - start), cols))
+        codes = torch.from_numpy(grid.codes)
+        block = slice(start, start + codes.shape[0])
+        weight.packed[block] = to_planes(codes, scheme.bits) if planes else pack(codes, scheme.bits)
+        weight.scales[block] = torch.from_numpy(grid.scale).to(torch.float16)
+        weight.zeros[block] = torch.from_numpy(grid.zero).to(weight.zeros.dtype)
+    weight.layout = "planes" if planes else "dense"
+    return weight
 
 
 @dataclass(frozen=True)
