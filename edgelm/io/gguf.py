@@ -69,6 +69,21 @@ class GGUFFile:
     def has_tensor(self, name: str) -> bool:
         return name in self.tensors
 
+    def release(self, name: str) -> None:
+        """Drop a tensor's file pages from memory once it has been converted (they are read from the file
+        again if the tensor is used later): loading then never holds the file and the model at once."""
+        import mmap
+
+        raw = getattr(self._mmap, "_mmap", None)
+        if raw is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        data = self.tensor_info(name).data
+        start = data.ctypes.data - self._mmap.ctypes.data
+        begin = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the tensor only
+        end = (start + data.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > begin:
+            raw.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+
     def tensor_info(self, name: str) -> TensorInfo:
         try:
             return self.tensors[name]

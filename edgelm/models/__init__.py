@@ -54,6 +54,7 @@ def load_gguf_model(gguf: GGUFFile, dtype: torch.dtype = torch.float32, keep_qua
             continue
         expected = tuple(params[param_name].shape)
         state[param_name] = torch.from_numpy(gguf.dequantize(tensor_name, expected)).to(dtype)
+        gguf.release(tensor_name)
     missing = set(params) - set(state)
     if missing:  # a mapping bug, not a user error
         raise ModelFormatError(f"{gguf.path}: no GGUF tensor for parameters {sorted(missing)[:5]}")
@@ -79,6 +80,7 @@ def _keep_quantized(model: Transformer, gguf: GGUFFile, names: dict[str, str]) -
         packed = packed_from_ggml(info.type_name, info.data, tuple(layer.weight.shape))
         if packed is None:
             continue
+        gguf.release(tensor_name)
         if isinstance(layer, nn.Embedding):
             replace_module(model, owner, QuantizedEmbedding(packed))
         else:
