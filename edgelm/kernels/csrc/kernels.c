@@ -354,108 +354,80 @@ EK_AVX512 static inline float zero_term(const uint16_t *sc, const uint8_t *zr, c
     return _mm512_reduce_add_ps(acc);
 }
 
-/* The activation scales of chunk c's two blocks of 32, in lanes 0-7 and 8-15. (Built in registers from the
- * per-block scales: a 16-float table per chunk would be streamed again for every row.) */
-EK_AVX512 static inline __m512 dx_lanes(const float *dx, int64_t c) {
-    return _mm512_insertf32x8(_mm512_set1_ps(dx[2 * c]), _mm256_set1_ps(dx[2 * c + 1]), 1);
-}
-
-/* Scales of a 32-wide-group row for chunk c (groups 2c and 2c + 1), from the 16 converted scales of chunks
- * 8k .. 8k + 7. */
-EK_AVX512 static inline __m512 pair_scales(__m512 scales16, int64_t c) {
-    const int j = (int)(c & 7);
-    __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(2 * j)), _mm256_set1_epi32(2 * j + 1), 1);
-    return _mm512_permutexvar_ps(idx, scales16);
-}
-
-/* Group-16 rows: lanes 4j .. 4j + 3 of chunk c take the scale of group 4c + j. */
-EK_AVX512 static inline __m512 quad_scales(__m512 scales16, int64_t c) {
-    const int base = 4 * (int)(c & 3);
-    __m512i idx = _mm512_set_epi32(base + 3, base + 3, base + 3, base + 3, base + 2, base + 2, base + 2, base + 2,
-                                   base + 1, base + 1, base + 1, base + 1, base, base, base, base);
-    return _mm512_permutexvar_ps(idx, scales16);
-}
-
-/* Byte index that spreads the four zero points of a chunk over its four 16-byte lanes. */
-EK_AVX512 static inline __m512i quad_zero_index(void) {
-    return _mm512_set_epi32(0x03030303, 0x03030303, 0x03030303, 0x03030303, 0x02020202, 0x02020202, 0x02020202,
-                            0x02020202, 0x01010101, 0x01010101, 0x01010101, 0x01010101, 0, 0, 0, 0);
-}
-
 EK_AVX512 static inline __m512 load_scales16(const uint16_t *sc, int64_t first, int64_t n_groups) {
     int64_t left = n_groups - first;
     __mmask16 k = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, sc + first));
 }
 
-/* Per lane: the integer dot of the chunk's unsigned codes with the int8 activations xq. */
-#define EK_CHUNK_INT(codes, c)                                                                               \
-    _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512((const void *)(xq + (c) * 64)))
+/* The integer dot products are combined four chunks (a "quad", 256 codes) at a time before the float
+ * work: lane 4q + j of a quad vector stands for codes 16q .. 16q + 15 of the quad's chunk j, so one
+ * convert and one multiply-add per quad replace one per chunk. */
 
-/* The group scales of chunk c, per lane (without the activations' dx). */
-#define EK_CHUNK_SCALES(c, s_lanes)                                                                          \
-    do {                                                                                                     \
-        if (m->group == 16) { /* ggml Q6_K: four groups per chunk, four lanes (16 codes) each */             \
-            if (((c) & 3) == 0) s16 = load_scales16(sc, 4 * (c), n_groups);                                  \
-            s_lanes = quad_scales(s16, c);                                                                   \
-        } else if (m->group == 32) {                                                                         \
-            if (((c) & 7) == 0) s16 = load_scales16(sc, 2 * (c), n_groups);                                  \
-            s_lanes = pair_scales(s16, c);                                                                   \
-        } else {                                                                                             \
-            s_lanes = _mm512_set1_ps(_cvtsh_ss(sc[(c) >> chunk_shift]));                                     \
-        }                                                                                                    \
-    } while (0)
+/* Quarter sums of four chunks' vpdpbusd results (each lane of those holds 4 codes): two unpack/add rounds. */
+EK_AVX512 static inline __m512i quad_sums(__m512i p0, __m512i p1, __m512i p2, __m512i p3) {
+    const __m512i t01 = _mm512_add_epi32(_mm512_unpacklo_epi32(p0, p1), _mm512_unpackhi_epi32(p0, p1));
+    const __m512i t23 = _mm512_add_epi32(_mm512_unpacklo_epi32(p2, p3), _mm512_unpackhi_epi32(p2, p3));
+    return _mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23), _mm512_unpackhi_epi64(t01, t23));
+}
 
-/* One row against one token, chunks decoded in place: two accumulators, so consecutive chunks' fused
- * multiply-adds do not wait on each other. The tile path below does exactly the same arithmetic per
- * (row, token), so a batch matches single tokens bit for bit. */
+/* The first code of each lane's 16 within the quad: (lane & 3) * 64 + (lane >> 2) * 16. */
+EK_AVX512 static inline __m512i quad_positions(void) {
+    return _mm512_set_epi32(240, 176, 112, 48, 224, 160, 96, 32, 208, 144, 80, 16, 192, 128, 64, 0);
+}
+
+/* A row's group scales for the quad starting at chunk c, per lane (groups of 16, 32 or 64 x 2^k). */
+EK_AVX512 static inline __m512 quad_scales(const uint16_t *sc, int64_t n_groups, int64_t c, int group_shift) {
+    const int64_t start = c * 64, first = start >> group_shift;
+    const __m512i offset = _mm512_set1_epi32((int)(start - (first << group_shift)));
+    const __m512i idx = _mm512_srlv_epi32(_mm512_add_epi32(quad_positions(), offset), _mm512_set1_epi32(group_shift));
+    return _mm512_permutexvar_ps(idx, load_scales16(sc, first, n_groups));
+}
+
+/* A token's activation scales (one per block of 32) for the quad starting at chunk c, per lane. */
+EK_AVX512 static inline __m512 quad_dx(const float *dx, int64_t n_blocks, int64_t c) {
+    const int64_t left = n_blocks - 2 * c;
+    const __mmask16 k = left >= 8 ? (__mmask16)0xFF : (__mmask16)((1u << left) - 1);
+    const __m512i idx = _mm512_set_epi32(7, 5, 3, 1, 7, 5, 3, 1, 6, 4, 2, 0, 6, 4, 2, 0);
+    return _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(k, dx + 2 * c));
+}
+
+/* Per lane: the integer dot of chunk c's unsigned codes with the int8 activations xq (0 past the row). */
+#define EK_CHUNK_INT(c)                                                                                      \
+    ((c) < n_chunks ? _mm512_dpbusd_epi32(_mm512_setzero_si512(), decode_chunk(q + (c) * kbits * 8, kbits),  \
+                                          _mm512_loadu_si512((const void *)(xq + (c) * 64)))                 \
+                    : _mm512_setzero_si512())
+
+/* One row against one token, chunks decoded in place. The tile path below does exactly the same
+ * arithmetic per (row, token), so a batch matches single tokens bit for bit. */
 #define EK_ROW_DOT(result)                                                                                   \
     do {                                                                                                     \
-        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), s16 = _mm512_setzero_ps(), sl0, sl1;  \
-        (void)s16;                                                                                           \
-        int64_t c = 0;                                                                                       \
-        for (; c + 1 < n_chunks; c += 2) {                                                                   \
-            EK_CHUNK_SCALES(c, sl0);                                                                         \
-            EK_CHUNK_SCALES(c + 1, sl1);                                                                     \
-            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(EK_CHUNK_INT(decode_chunk(q + c * kbits * 8, kbits), c)), \
-                                   _mm512_mul_ps(dxl[c], sl0), acc0);                                        \
-            acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(EK_CHUNK_INT(decode_chunk(q + (c + 1) * kbits * 8, kbits), c + 1)), \
-                                   _mm512_mul_ps(dxl[c + 1], sl1), acc1);                                    \
+        __m512 acc = _mm512_setzero_ps();                                                                    \
+        for (int64_t c = 0; c < n_chunks; c += 4) {                                                          \
+            const __m512i u = quad_sums(EK_CHUNK_INT(c), EK_CHUNK_INT(c + 1), EK_CHUNK_INT(c + 2), EK_CHUNK_INT(c + 3)); \
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(u),                                                     \
+                                  _mm512_mul_ps(dxq[c / 4], quad_scales(sc, n_groups, c, group_shift)), acc); \
         }                                                                                                    \
-        if (c < n_chunks) {                                                                                  \
-            EK_CHUNK_SCALES(c, sl0);                                                                         \
-            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(EK_CHUNK_INT(decode_chunk(q + c * kbits * 8, kbits), c)), \
-                                   _mm512_mul_ps(dxl[c], sl0), acc0);                                        \
-        }                                                                                                    \
-        result = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));                                            \
+        result = _mm512_reduce_add_ps(acc);                                                                  \
     } while (0)
 
-/* One chunk of the tile: every row's dot with the token's activations x (scales d), into accumulator acc. */
-#define EK_TILE_CHUNK(acc, c, x, d)                                                                          \
-    do {                                                                                                     \
-        _Pragma("GCC unroll 4") for (int i = 0; i < EK_TILE_ROWS; i++) {                                     \
-            const __m512i dot_ = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[i][c], x);                \
-            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_), _mm512_mul_ps(d, scales[i][c]), acc[i]);      \
-        }                                                                                                    \
-    } while (0)
-
-/* Several tokens: EK_TILE_ROWS rows are decoded once (codes and scales kept in registers' worth of
- * stack) and every token runs against all of them, sharing each activation load and dx. */
+/* Several tokens: EK_TILE_ROWS rows are decoded once (codes and quad scales kept on the stack) and every
+ * token runs against all of them, sharing each activation load and dx. */
 #define EK_TILE_ROWS 4
 
 #define EK_ROW_KERNEL(BITS)                                                                                  \
     EK_AVX512 static void matvec_rows_avx512_##BITS(void *ctx, int64_t begin, int64_t end) {                  \
         const avx512_job *job = ctx;                                                                         \
         const ek_matrix *m = job->base.m;                                                                    \
-        const int64_t cols = m->cols, n_chunks = cols / 64, n_groups = cols / m->group;                      \
-        const int64_t row_bytes = cols * BITS / 8;                                                           \
+        const int64_t cols = m->cols, n_chunks = cols / 64, n_groups = cols / m->group, n_blocks = cols / 32; \
+        const int64_t n_quads = (n_chunks + 3) / 4, row_bytes = cols * BITS / 8;                             \
         const int64_t T = job->base.n_tokens, stride = job->base.out_stride;                                 \
         const int kbits = BITS; /* for the macros expanded inside this one */                                \
-        const int chunk_shift = m->group <= 64 ? 0 : __builtin_ctz((unsigned)m->group / 64); /* chunk->group */\
+        const int group_shift = __builtin_ctz((unsigned)m->group);                                           \
         if (T == 1) {                                                                                        \
             const int8_t *xq = job->base.xq;                                                                 \
-            __m512 dxl[n_chunks]; /* the activation scales per lane, shared by every row */                 \
-            for (int64_t c = 0; c < n_chunks; c++) dxl[c] = dx_lanes(job->base.dx, c);                       \
+            __m512 dxq[n_quads]; /* the activation scales per lane, shared by every row */                   \
+            for (int64_t k = 0; k < n_quads; k++) dxq[k] = quad_dx(job->base.dx, n_blocks, 4 * k);          \
             for (int64_t r = begin; r < end; r++) {                                                          \
                 const uint8_t *q = m->q + r * row_bytes;                                                     \
                 const uint16_t *sc = m->scales + r * n_groups;                                               \
@@ -469,42 +441,42 @@ EK_AVX512 static inline __m512 load_scales16(const uint16_t *sc, int64_t first, 
             }                                                                                                \
             return;                                                                                          \
         }                                                                                                    \
-        __m512i codes[EK_TILE_ROWS][n_chunks];                                                               \
-        __m512 scales[EK_TILE_ROWS][n_chunks];                                                               \
+        __m512i codes[EK_TILE_ROWS][4 * n_quads];                                                            \
+        __m512 scales[EK_TILE_ROWS][n_quads];                                                                \
         for (int64_t r0 = begin; r0 < end; r0 += EK_TILE_ROWS) {                                             \
             const int nr = end - r0 < EK_TILE_ROWS ? (int)(end - r0) : EK_TILE_ROWS;                         \
             for (int i = 0; i < EK_TILE_ROWS; i++) { /* a short tile repeats its first row */                \
                 const int64_t r = r0 + (i < nr ? i : 0);                                                     \
                 const uint8_t *q = m->q + r * row_bytes;                                                     \
                 const uint16_t *sc = m->scales + r * n_groups;                                               \
-                __m512 s16 = _mm512_setzero_ps();                                                            \
-                (void)s16;                                                                                   \
-                for (int64_t c = 0; c < n_chunks; c++) {                                                     \
-                    codes[i][c] = decode_chunk(q + c * BITS * 8, BITS);                                      \
-                    EK_CHUNK_SCALES(c, scales[i][c]);                                                        \
-                }                                                                                            \
+                for (int64_t c = 0; c < 4 * n_quads; c++)                                                    \
+                    codes[i][c] = c < n_chunks ? decode_chunk(q + c * BITS * 8, BITS) : _mm512_setzero_si512(); \
+                for (int64_t k = 0; k < n_quads; k++) scales[i][k] = quad_scales(sc, n_groups, 4 * k, group_shift); \
             }                                                                                                \
             for (int64_t t = 0; t < T; t++) {                                                                \
                 const int8_t *xq = job->base.xq + t * cols;                                                  \
-                const float *dxb = job->base.dx + t * (cols / 32);                                           \
-                __m512 acc0[EK_TILE_ROWS], acc1[EK_TILE_ROWS]; /* even and odd chunks, as a single token */   \
-                for (int i = 0; i < EK_TILE_ROWS; i++) acc0[i] = acc1[i] = _mm512_setzero_ps();              \
-                int64_t c = 0;                                                                               \
-                for (; c + 1 < n_chunks; c += 2) {                                                           \
-                    const __m512i x0 = _mm512_loadu_si512((const void *)(xq + c * 64));                      \
-                    const __m512i x1 = _mm512_loadu_si512((const void *)(xq + (c + 1) * 64));                \
-                    const __m512 d0 = dx_lanes(dxb, c), d1 = dx_lanes(dxb, c + 1);                           \
-                    EK_TILE_CHUNK(acc0, c, x0, d0);                                                          \
-                    EK_TILE_CHUNK(acc1, c + 1, x1, d1);                                                      \
-                }                                                                                            \
-                if (c < n_chunks) {                                                                          \
-                    const __m512i x0 = _mm512_loadu_si512((const void *)(xq + c * 64));                      \
-                    const __m512 d0 = dx_lanes(dxb, c);                                                      \
-                    EK_TILE_CHUNK(acc0, c, x0, d0);                                                          \
+                const float *dxt = job->base.dx + t * n_blocks;                                              \
+                __m512 acc[EK_TILE_ROWS];                                                                    \
+                for (int i = 0; i < EK_TILE_ROWS; i++) acc[i] = _mm512_setzero_ps();                         \
+                for (int64_t k = 0; k < n_quads; k++) {                                                      \
+                    const int64_t c = 4 * k;                                                                 \
+                    __m512i x[4];                                                                            \
+                    for (int j = 0; j < 4; j++)                                                              \
+                        x[j] = c + j < n_chunks ? _mm512_loadu_si512((const void *)(xq + (c + j) * 64))      \
+                                                : _mm512_setzero_si512();                                    \
+                    const __m512 d = quad_dx(dxt, n_blocks, c);                                              \
+                    _Pragma("GCC unroll 4") for (int i = 0; i < EK_TILE_ROWS; i++) {                         \
+                        const __m512i z = _mm512_setzero_si512();                                            \
+                        const __m512i u = quad_sums(_mm512_dpbusd_epi32(z, codes[i][c], x[0]),               \
+                                                    _mm512_dpbusd_epi32(z, codes[i][c + 1], x[1]),           \
+                                                    _mm512_dpbusd_epi32(z, codes[i][c + 2], x[2]),           \
+                                                    _mm512_dpbusd_epi32(z, codes[i][c + 3], x[3]));          \
+                        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(u), _mm512_mul_ps(d, scales[i][k]), acc[i]); \
+                    }                                                                                        \
                 }                                                                                            \
                 for (int i = 0; i < nr; i++) {                                                               \
                     const int64_t r = r0 + i;                                                                \
-                    const float y = _mm512_reduce_add_ps(_mm512_add_ps(acc0[i], acc1[i])) -              \
+                    const float y = _mm512_reduce_add_ps(acc[i]) -                                           \
                                     zero_term(m->scales + r * n_groups, m->zeros ? m->zeros + r * n_groups : NULL, \
                                               m->zeros_f16 ? m->zeros_f16 + r * n_groups : NULL,             \
                                               job->gsum + t * n_groups, n_groups);                           \
