@@ -351,11 +351,6 @@ def _compact(value):
 class Tokenizer:
     """Text <-> token ids for one model, built with `Tokenizer.from_metadata(gguf.metadata)`."""
 
-    @property
-    def metadata(self) -> dict:
-        """The tokenizer.* metadata it was built from (to write into a model directory or a GGUF)."""
-        return {k: v.tolist() if isinstance(v, array) else v for k, v in self._metadata.items()}
-
     def __init__(self, *, tokens: list[str], attrs: list[TokenAttr], words: _SpmWords | _BpeWords,
                  bos_id: int | None, eos_id: int | None, eos_ids: frozenset[int], add_bos: bool,
                  add_space_prefix: bool, chat_template: str | None, source: str):
@@ -380,6 +375,11 @@ class Tokenizer:
         self._split_when_parsing = [(tokens[i], i) for i in special]
         self._piece_cache: dict[int, bytes] = {}
         self._template = None
+
+    @property
+    def metadata(self) -> dict:
+        """The tokenizer.* metadata it was built from (to write into a model directory or a GGUF)."""
+        return {k: v.tolist() if isinstance(v, array) else v for k, v in self._metadata.items()}
 
     # -- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -424,8 +424,12 @@ class Tokenizer:
         tokenizer = cls(tokens=tokens, attrs=attrs, words=words, bos_id=bos_id, eos_id=eos_id, eos_ids=eos_ids,
                         add_bos=add_bos, add_space_prefix=add_space_prefix,
                         chat_template=metadata.get("tokenizer.chat_template"), source=source)
-        # Kept so that compressed artifacts can carry the tokenizer (the lists are shared, not copied).
-        tokenizer._metadata = {k: _compact(v) for k, v in metadata.items() if k.startswith("tokenizer.")}
+        # Kept so that compressed artifacts can carry the tokenizer: shared with the tokenizer where it can be,
+        # long numeric lists as arrays.
+        kept = {k: _compact(v) for k, v in metadata.items() if k.startswith("tokenizer.")}
+        if "tokenizer.ggml.scores" in kept:
+            kept["tokenizer.ggml.scores"] = scores
+        tokenizer._metadata = kept
         return tokenizer
 
     # -- encoding -------------------------------------------------------------------------------------------

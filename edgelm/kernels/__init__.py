@@ -6,7 +6,7 @@ and the model runs on its PyTorch path; nothing else changes. EDGELM_KERNELS=0 t
 EDGELM_KERNELS_GENERIC=1 keeps them on the portable path.
 
     from edgelm.kernels import KernelMatrix, available
-    km = KernelMatrix.from_packed(packed_weight)   # one-time repack into the plane layout
+    km = KernelMatrix.from_packed(packed_weight)   # shares its buffers (plane layout)
     y = km.matvec(x)                               # x [T, cols] float32 -> [T, rows]
 """
 
@@ -21,7 +21,7 @@ from functools import lru_cache
 
 import torch
 
-from edgelm.kernels.layout import CHUNK, ROW_BLOCK, to_planes
+from edgelm.kernels.layout import CHUNK
 
 LEVELS = {0: "generic C", 2: "AVX-512 VNNI"}
 
@@ -142,19 +142,14 @@ class KernelMatrix:
 
     @classmethod
     def from_packed(cls, weight) -> KernelMatrix:
-        """From a PackedWeight (edgelm.compress.quant.modules); check `supports` first."""
-        from edgelm.compress.quant.primitives import unpack
-
-        scheme, rows, cols = weight.scheme, weight.out_features, weight.in_features
-        if weight.layout == "planes":  # already stored this way: shared, not copied
-            planes = weight.packed
-        else:
-            planes = torch.empty(rows, cols * scheme.bits // 8, dtype=torch.uint8)
-            for start in range(0, rows, ROW_BLOCK):  # a block at a time: no full-size temporaries
-                planes[start:start + ROW_BLOCK] = to_planes(unpack(weight.packed[start:start + ROW_BLOCK],
-                                                                   scheme.bits, cols), scheme.bits)
+        """From a PackedWeight (edgelm.compress.quant.modules), sharing its buffers; check `supports` first.
+        A weight still in the dense packing is re-stored in the plane layout, in place."""
+        if not weight.to_plane_layout():
+            raise ValueError(f"{weight.in_features} columns are not a multiple of {CHUNK}: no plane layout")
+        scheme, cols = weight.scheme, weight.in_features
         zeros = weight.zeros if weight.zeros.dtype == torch.float16 else weight.zeros.to(torch.uint8)
-        return cls(planes, weight.scales.to(torch.float16), zeros, scheme.bits, scheme.group_size or cols, cols)
+        return cls(weight.packed, weight.scales.to(torch.float16), zeros, scheme.bits, scheme.group_size or cols,
+                   cols)
 
     @property
     def nbytes(self) -> int:

@@ -170,7 +170,7 @@ class PackedWeight(nn.Module):
     def kernel(self) -> kernels.KernelMatrix | None:
         """This weight in the kernels' layout (built on first use), or None when the kernels cannot run it."""
         if getattr(self, "_kernel", None) is None:
-            if not kernels.supports(self.scheme, self.in_features, self.zeros.dtype) or not self.to_plane_layout():
+            if not kernels.supports(self.scheme, self.in_features, self.zeros.dtype):
                 return None
             self._kernel = kernels.KernelMatrix.from_packed(self)
         return self._kernel
@@ -188,10 +188,9 @@ class PackedWeight(nn.Module):
                activations: kernels.QuantizedActivations | None = None) -> torch.Tensor:
         """x [T, in] @ Wᵀ -> [T, out] (or into columns out_index of `out`). `activations`: x already
         quantized for the kernels, when several matrices share it."""
-        km = self.kernel() if kernel_eligible(self, x) else None
-        if km is not None:
-            return km.matvec(activations if activations is not None else x, out=out, out_index=out_index)
         km = self.kernel() if batched_eligible(self, x) else None
+        if km is not None and x.shape[0] <= KERNEL_MAX_TOKENS:
+            return km.matvec(activations if activations is not None else x, out=out, out_index=out_index)
         if km is not None:
             return _batched_matmul(km, x, out, out_index)
         result = F.linear(x, self.dequantize(dtype=x.dtype))

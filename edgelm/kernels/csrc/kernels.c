@@ -594,15 +594,23 @@ static int matvec_stacked(const ek_matrix *const *ms, float *const *ys, const in
         job.out_index[i] = out_index ? out_index[i] : NULL;
         job.first_row[i + 1] = job.first_row[i] + ms[i]->rows;
     }
-    for (int i = 0; i < n; i++)  /* once per call, not per parallel piece */
-        if (!(job.gsums[i] = group_sums(ms[i], pa))) status = -2;
+    int owned[EK_MAX_STACK] = {0};
+    for (int i = 0; i < n; i++) { /* once per call, not per parallel piece; shared by equal group sizes */
+        for (int j = 0; j < i && !job.gsums[i]; j++)
+            if (ms[j]->group == ms[i]->group) job.gsums[i] = job.gsums[j];
+        if (!job.gsums[i]) {
+            owned[i] = 1;
+            if (!(job.gsums[i] = group_sums(ms[i], pa))) status = -2;
+        }
+    }
     if (status == 0) {
         const int64_t total = job.first_row[n];
         int64_t grain = total / (8 * (int64_t)pool.n_threads);
         grain = grain < 16 ? 16 : grain > 1024 ? 1024 : grain;
         parallel_for(total, grain, stacked_rows, &job);
     }
-    for (int i = 0; i < n; i++) free(job.gsums[i]);
+    for (int i = 0; i < n; i++)
+        if (owned[i]) free(job.gsums[i]);
     return status;
 }
 
