@@ -109,8 +109,9 @@ def test_ignore_globs_and_untied_head(tmp_path):
 
 
 def test_dead_inputs_and_singular_hessian():
-    weight = torch.randn(16, 64)
-    x = torch.randn(32, 64)
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 64, generator=generator)
+    x = torch.randn(32, 64, generator=generator)
     x[:, 5] = 0.0  # an input that never fires
     hessian = InputHessian(64)
     hessian.add(x)  # 32 tokens for 64 inputs: singular without damping
@@ -118,7 +119,11 @@ def test_dead_inputs_and_singular_hessian():
     linear = gptq_quantize(weight, hessian.hessian(), scheme)
     assert (linear.dequantized[:, 5] == 0).all()
     embedding = gptq_quantize(weight, hessian.hessian(), scheme, zero_dead_columns=False)
-    torch.testing.assert_close(embedding.dequantized[:, 5], fake_quantize(weight, scheme)[:, 5], rtol=0, atol=1e-3)
+    # No error feedback reaches a dead column: it is plain rounding on its group's stored grid.
+    scale, zero = embedding.scale[:, 0], embedding.zero[:, 0]
+    rounded = ((weight[:, 5] / scale).round() + zero).clamp(0, scheme.qmax)
+    assert torch.equal(embedding.codes[:, 5].float(), rounded)
+    torch.testing.assert_close(embedding.dequantized[:, 5], fake_quantize(weight, scheme)[:, 5], rtol=0, atol=0.5)
 
 
 def test_recipe_parsing_and_missing_calibration(tiny):
