@@ -336,6 +336,7 @@ EK_AVX512 static inline __m512i decode_chunk(const uint8_t *p, const int bits) {
 typedef struct {
     matvec_job base;
     const float *gsum;  /* [T][n_groups] activation sums per group, for fp16 zero points (else NULL) */
+    const int8_t *xt;   /* [T][n_quads * 256] activations in quad-transposed order (T > 1 only) */
 } avx512_job;
 
 /* sum_g s_g * z_g * gsum_g: a row's zero-point term (the dot products use the unsigned codes as they are);
@@ -350,6 +351,29 @@ EK_AVX512 static inline float zero_term(const uint16_t *sc, const uint8_t *zr, c
         __m512 zero = zr ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, zr + g)))
                          : _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, zf + g));
         acc = _mm512_fmadd_ps(_mm512_mul_ps(scale, zero), _mm512_maskz_loadu_ps(k, gsum + g), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+/* The scale-times-zero products of a row as zero_term forms them (16 groups per vector, 0 past the end), kept
+ * by the tile path so that each token's zero-point term is one multiply-add per 16 groups. */
+EK_AVX512 static inline void scaled_zeros(const uint16_t *sc, const uint8_t *zr, const uint16_t *zf, int64_t n_groups,
+                                          float *out) {
+    for (int64_t g = 0; g < n_groups; g += 16) {
+        __mmask16 k = n_groups - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n_groups - g)) - 1);
+        __m512 scale = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, sc + g));
+        __m512 zero = zr ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, zr + g)))
+                         : _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, zf + g));
+        _mm512_storeu_ps(out + g, _mm512_mul_ps(scale, zero));
+    }
+}
+
+/* zero_term from scaled_zeros' products: the same operations in the same order, so the same result. */
+EK_AVX512 static inline float zero_term_scaled(const float *sz, const float *gsum, int64_t n_groups) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t g = 0; g < n_groups; g += 16) {
+        __mmask16 k = n_groups - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n_groups - g)) - 1);
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(sz + g), _mm512_maskz_loadu_ps(k, gsum + g), acc);
     }
     return _mm512_reduce_add_ps(acc);
 }
@@ -411,9 +435,47 @@ EK_AVX512 static inline __m512 quad_dx(const float *dx, int64_t n_blocks, int64_
         result = _mm512_reduce_add_ps(acc);                                                                  \
     } while (0)
 
-/* Several tokens: EK_TILE_ROWS rows are decoded once (codes and quad scales kept on the stack) and every
- * token runs against all of them, sharing each activation load and dx. */
-#define EK_TILE_ROWS 4
+/* Several tokens: EK_TILE_ROWS rows are decoded once and every token runs against all of them. The codes of
+ * each quad are kept transposed (4x4 dwords within each 128-bit lane: vector k, lane 4q + j = chunk j's
+ * dword 4q + k), and so are the activations (once per call, see quad_transpose_act), so that four chained
+ * vpdpbusd leave in lane 4q + j the integer sum over codes 64j + 16q .. + 15: exactly quad_sums' result,
+ * without its shuffles per token. The float work that follows is the single-token path's, operation for
+ * operation, so a batch matches single tokens bit for bit. */
+#define EK_TILE_ROWS 4 /* the loop below is written out for 4 */
+
+EK_AVX512 static inline void transpose_quad(__m512i *out, __m512i c0, __m512i c1, __m512i c2, __m512i c3) {
+    const __m512i t0 = _mm512_unpacklo_epi32(c0, c1), t1 = _mm512_unpackhi_epi32(c0, c1);
+    const __m512i t2 = _mm512_unpacklo_epi32(c2, c3), t3 = _mm512_unpackhi_epi32(c2, c3);
+    out[0] = _mm512_unpacklo_epi64(t0, t2);
+    out[1] = _mm512_unpackhi_epi64(t0, t2);
+    out[2] = _mm512_unpacklo_epi64(t1, t3);
+    out[3] = _mm512_unpackhi_epi64(t1, t3);
+}
+
+/* xq [T][cols] -> xt [T][n_quads * 256], each quad transposed as the tile path's codes (zeros past the row). */
+EK_AVX512 static void quad_transpose_act(const int8_t *xq, int64_t n_tokens, int64_t cols, int8_t *xt) {
+    const int64_t n_chunks = cols / 64, n_quads = (n_chunks + 3) / 4;
+    for (int64_t t = 0; t < n_tokens; t++)
+        for (int64_t k = 0; k < n_quads; k++) {
+            __m512i c[4];
+            for (int j = 0; j < 4; j++)
+                c[j] = 4 * k + j < n_chunks ? _mm512_loadu_si512((const void *)(xq + t * cols + (4 * k + j) * 64))
+                                            : _mm512_setzero_si512();
+            __m512i o[4];
+            transpose_quad(o, c[0], c[1], c[2], c[3]);
+            for (int j = 0; j < 4; j++) _mm512_storeu_si512((void *)(xt + (t * n_quads + k) * 256 + 64 * j), o[j]);
+        }
+}
+
+/* One row's quad (transposed codes c[0..3]) against one token's transposed activations, added into acc. */
+EK_AVX512 static inline __m512 tile_quad(const __m512i *c, __m512i x0, __m512i x1, __m512i x2, __m512i x3, __m512 d,
+                                         __m512 scale, __m512 acc) {
+    __m512i u = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[0], x0);
+    u = _mm512_dpbusd_epi32(u, c[1], x1);
+    u = _mm512_dpbusd_epi32(u, c[2], x2);
+    u = _mm512_dpbusd_epi32(u, c[3], x3);
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(u), _mm512_mul_ps(d, scale), acc);
+}
 
 #define EK_ROW_KERNEL(BITS)                                                                                  \
     EK_AVX512 static void matvec_rows_avx512_##BITS(void *ctx, int64_t begin, int64_t end) {                  \
@@ -441,45 +503,48 @@ EK_AVX512 static inline __m512 quad_dx(const float *dx, int64_t n_blocks, int64_
             }                                                                                                \
             return;                                                                                          \
         }                                                                                                    \
-        __m512i codes[EK_TILE_ROWS][4 * n_quads];                                                            \
+        __m512i codes[EK_TILE_ROWS][4 * n_quads]; /* transposed per quad */                             \
         __m512 scales[EK_TILE_ROWS][n_quads];                                                                \
+        float sz[EK_TILE_ROWS][(n_groups + 15) & ~(int64_t)15];                                              \
+        const int has_zeros = m->zeros || m->zeros_f16;                                                      \
         for (int64_t r0 = begin; r0 < end; r0 += EK_TILE_ROWS) {                                             \
             const int nr = end - r0 < EK_TILE_ROWS ? (int)(end - r0) : EK_TILE_ROWS;                         \
             for (int i = 0; i < EK_TILE_ROWS; i++) { /* a short tile repeats its first row */                \
                 const int64_t r = r0 + (i < nr ? i : 0);                                                     \
                 const uint8_t *q = m->q + r * row_bytes;                                                     \
                 const uint16_t *sc = m->scales + r * n_groups;                                               \
-                for (int64_t c = 0; c < 4 * n_quads; c++)                                                    \
-                    codes[i][c] = c < n_chunks ? decode_chunk(q + c * BITS * 8, BITS) : _mm512_setzero_si512(); \
-                for (int64_t k = 0; k < n_quads; k++) scales[i][k] = quad_scales(sc, n_groups, 4 * k, group_shift); \
+                for (int64_t k = 0; k < n_quads; k++) {                                                      \
+                    __m512i c[4];                                                                            \
+                    for (int j = 0; j < 4; j++)                                                              \
+                        c[j] = 4 * k + j < n_chunks ? decode_chunk(q + (4 * k + j) * BITS * 8, BITS)         \
+                                                    : _mm512_setzero_si512();                                \
+                    transpose_quad(&codes[i][4 * k], c[0], c[1], c[2], c[3]);                                \
+                    scales[i][k] = quad_scales(sc, n_groups, 4 * k, group_shift);                            \
+                }                                                                                            \
+                if (has_zeros)                                                                               \
+                    scaled_zeros(sc, m->zeros ? m->zeros + r * n_groups : NULL,                              \
+                                 m->zeros_f16 ? m->zeros_f16 + r * n_groups : NULL, n_groups, sz[i]);        \
             }                                                                                                \
             for (int64_t t = 0; t < T; t++) {                                                                \
-                const int8_t *xq = job->base.xq + t * cols;                                                  \
+                const int8_t *xt = job->xt + t * n_quads * 256;                                              \
                 const float *dxt = job->base.dx + t * n_blocks;                                              \
-                __m512 acc[EK_TILE_ROWS];                                                                    \
-                for (int i = 0; i < EK_TILE_ROWS; i++) acc[i] = _mm512_setzero_ps();                         \
+                __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                  \
                 for (int64_t k = 0; k < n_quads; k++) {                                                      \
-                    const int64_t c = 4 * k;                                                                 \
-                    __m512i x[4];                                                                            \
-                    for (int j = 0; j < 4; j++)                                                              \
-                        x[j] = c + j < n_chunks ? _mm512_loadu_si512((const void *)(xq + (c + j) * 64))      \
-                                                : _mm512_setzero_si512();                                    \
-                    const __m512 d = quad_dx(dxt, n_blocks, c);                                              \
-                    _Pragma("GCC unroll 4") for (int i = 0; i < EK_TILE_ROWS; i++) {                         \
-                        const __m512i z = _mm512_setzero_si512();                                            \
-                        const __m512i u = quad_sums(_mm512_dpbusd_epi32(z, codes[i][c], x[0]),               \
-                                                    _mm512_dpbusd_epi32(z, codes[i][c + 1], x[1]),           \
-                                                    _mm512_dpbusd_epi32(z, codes[i][c + 2], x[2]),           \
-                                                    _mm512_dpbusd_epi32(z, codes[i][c + 3], x[3]));          \
-                        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(u), _mm512_mul_ps(d, scales[i][k]), acc[i]); \
-                    }                                                                                        \
+                    const __m512i x0 = _mm512_loadu_si512((const void *)(xt + k * 256));                     \
+                    const __m512i x1 = _mm512_loadu_si512((const void *)(xt + k * 256 + 64));                \
+                    const __m512i x2 = _mm512_loadu_si512((const void *)(xt + k * 256 + 128));               \
+                    const __m512i x3 = _mm512_loadu_si512((const void *)(xt + k * 256 + 192));               \
+                    const __m512 d = quad_dx(dxt, n_blocks, 4 * k);                                          \
+                    a0 = tile_quad(&codes[0][4 * k], x0, x1, x2, x3, d, scales[0][k], a0);                   \
+                    a1 = tile_quad(&codes[1][4 * k], x0, x1, x2, x3, d, scales[1][k], a1);                   \
+                    a2 = tile_quad(&codes[2][4 * k], x0, x1, x2, x3, d, scales[2][k], a2);                   \
+                    a3 = tile_quad(&codes[3][4 * k], x0, x1, x2, x3, d, scales[3][k], a3);                   \
                 }                                                                                            \
+                const __m512 acc[EK_TILE_ROWS] = {a0, a1, a2, a3};                                           \
                 for (int i = 0; i < nr; i++) {                                                               \
                     const int64_t r = r0 + i;                                                                \
                     const float y = _mm512_reduce_add_ps(acc[i]) -                                           \
-                                    zero_term(m->scales + r * n_groups, m->zeros ? m->zeros + r * n_groups : NULL, \
-                                              m->zeros_f16 ? m->zeros_f16 + r * n_groups : NULL,             \
-                                              job->gsum + t * n_groups, n_groups);                           \
+                                    (has_zeros ? zero_term_scaled(sz[i], job->gsum + t * n_groups, n_groups) : 0.f); \
                     job->base.y[t * stride + (job->base.out_index ? job->base.out_index[r] : r)] = y;        \
                 }                                                                                            \
             }                                                                                                \
@@ -509,6 +574,7 @@ typedef struct {
     int64_t n_tokens, cols;
     const int8_t *xq;
     const float *dx, *bsum;
+    const int8_t *xt; /* the AVX-512 tile path's transposed copy of xq (T > 1; set by matvec_stacked) */
 } prepared_act;
 
 static int supported(const ek_matrix *m, int64_t cols) {
@@ -525,7 +591,7 @@ static void matrix_rows(const ek_matrix *m, const prepared_act *pa, const float 
     /* The SIMD path needs groups of 16, 32 or 64 x 2^k codes (a chunk -> group map by shifting). */
     if (ek_cpu_level() >= EK_AVX512_VNNI && (m->group == 16 || m->group == 32 ||
                                              (m->group % 64 == 0 && !((m->group / 64) & (m->group / 64 - 1))))) {
-        avx512_job ajob = {job, gsum};
+        avx512_job ajob = {job, gsum, pa->xt};
         avx512_kernels[m->bits](&ajob, begin, end);
         return;
     }
@@ -582,7 +648,9 @@ static void stacked_rows(void *ctx, int64_t begin, int64_t end) {
 }
 
 static int matvec_stacked(const ek_matrix *const *ms, float *const *ys, const int64_t *strides, int n,
-                          const prepared_act *pa, const int32_t *const *out_index) {
+                          const prepared_act *given, const int32_t *const *out_index) {
+    prepared_act act = *given;
+    const prepared_act *pa = &act;
     stacked_job job = {.n = n, .pa = pa};
     if (n < 1 || n > EK_MAX_STACK) return -1;
     int status = 0;
@@ -594,6 +662,15 @@ static int matvec_stacked(const ek_matrix *const *ms, float *const *ys, const in
         job.out_index[i] = out_index ? out_index[i] : NULL;
         job.first_row[i + 1] = job.first_row[i] + ms[i]->rows;
     }
+    int8_t *xt = NULL;
+#ifdef EK_X86
+    if (pa->n_tokens > 1 && ek_cpu_level() >= EK_AVX512_VNNI) {
+        const int64_t quads = (pa->cols / 64 + 3) / 4;
+        if (!(xt = malloc((size_t)(pa->n_tokens * quads * 256)))) return -2;
+        quad_transpose_act(pa->xq, pa->n_tokens, pa->cols, xt);
+        act.xt = xt;
+    }
+#endif
     int owned[EK_MAX_STACK] = {0};
     for (int i = 0; i < n; i++) { /* once per call, not per parallel piece; shared by equal group sizes */
         for (int j = 0; j < i && !job.gsums[i]; j++)
@@ -611,6 +688,7 @@ static int matvec_stacked(const ek_matrix *const *ms, float *const *ys, const in
     }
     for (int i = 0; i < n; i++)
         if (owned[i]) free(job.gsums[i]);
+    free(xt);
     return status;
 }
 
