@@ -21,7 +21,8 @@ import enum
 import heapq
 import json
 from array import array
-from collections.abc import Iterable
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -173,6 +174,98 @@ def _utf8_symbols(data: bytes) -> list[bytes]:
     return symbols
 
 
+class Vocabulary(Sequence):
+    """Token texts by id and ids by text, in a few flat arrays.
+
+    A 262k-token vocabulary held as a list of Python strings plus a text -> id dict costs ~45 MB of heap;
+    here the texts are one UTF-8 buffer with offsets, and the index is the sorted array of their string
+    hashes with the matching ids (~6 MB). A lookup is a binary search and a comparison (~1 us; words are
+    cached above it). As llama.cpp's token_to_id map, the last of duplicate texts wins.
+    """
+
+    def __init__(self, texts: list[str]):
+        import numpy as np
+
+        n = len(texts)
+        lengths = np.fromiter((len(t.encode("utf-8", "surrogatepass")) for t in texts), np.int64, n)
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        self._blob = "".join(texts).encode("utf-8", "surrogatepass")
+        self._offsets = _array_of("q", offsets)
+        self._build_index(texts)
+
+    def _build_index(self, texts: Iterable[str]) -> None:
+        import numpy as np
+
+        # str hashes differ between processes (PYTHONHASHSEED): the index is rebuilt after unpickling.
+        hashes = np.fromiter(map(hash, texts), np.int64, len(self))
+        order = np.argsort(hashes, kind="stable")  # equal hashes keep ascending ids
+        self._hashes = _array_of("q", hashes[order])
+        self._ids = _array_of("i", order.astype(np.int32))
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, token_id: int) -> str:
+        if not -len(self) <= token_id < len(self):
+            raise IndexError(f"token id {token_id} is outside the vocabulary (0..{len(self) - 1})")
+        token_id %= len(self)
+        return self._blob[self._offsets[token_id]:self._offsets[token_id + 1]].decode("utf-8", "surrogatepass")
+
+    def __iter__(self) -> Iterator[str]:
+        return (self[i] for i in range(len(self)))
+
+    def __contains__(self, text: object) -> bool:
+        return isinstance(text, str) and self.get(text) is not None
+
+    def get(self, text: str, default: int | None = None) -> int | None:
+        """The id of `text`, or `default` when no token has that text."""
+        h = hash(text)
+        hashes, ids = self._hashes, self._ids
+        found = default
+        i = bisect_left(hashes, h)
+        while i < len(hashes) and hashes[i] == h:
+            if self[ids[i]] == text:
+                found = ids[i]
+            i += 1
+        return found
+
+    def ids_containing(self, text: str, after_start: bool = False) -> list[int]:
+        """Ids of the tokens whose text contains `text` (not only as their first characters: `after_start`)."""
+        import numpy as np
+
+        needle = np.frombuffer(text.encode("utf-8", "surrogatepass"), np.uint8)
+        data = np.frombuffer(self._blob, np.uint8)
+        if len(needle) == 0 or len(data) < len(needle):
+            return []
+        hit = data[:len(data) - len(needle) + 1] == needle[0]
+        for k in range(1, len(needle)):
+            hit &= data[k:len(data) - len(needle) + 1 + k] == needle[k]
+        starts = np.nonzero(hit)[0]
+        offsets = np.frombuffer(self._offsets, np.int64)
+        owner = np.searchsorted(offsets, starts, side="right") - 1
+        ends_inside = starts + len(needle) <= offsets[owner + 1]  # not straddling two tokens
+        keep = ends_inside & ((starts > offsets[owner]) if after_start else True)
+        return sorted(set(owner[keep].tolist()))
+
+    def __getstate__(self) -> dict:
+        return {"blob": self._blob, "offsets": self._offsets}
+
+    def __setstate__(self, state: dict) -> None:
+        self._blob, self._offsets = state["blob"], state["offsets"]
+        self._build_index(iter(self))
+
+
+def _array_of(typecode: str, values) -> array:
+    """A numpy array's values as a compact stdlib array (indexing it from Python is several times faster)."""
+    out = array(typecode)
+    if out.itemsize != values.dtype.itemsize:
+        raise ValueError(f"array('{typecode}') cannot hold {values.dtype}")
+    out.frombytes(values.tobytes())
+    return out
+
+
+
 class _SpmWords:
     """llama.cpp's llm_tokenizer_spm on one escaped text fragment, cached per word.
 
@@ -183,11 +276,11 @@ class _SpmWords:
 
     _WORD = regex.compile(SPACE_MARK + "[^" + SPACE_MARK + "]*|[^" + SPACE_MARK + "]+")
 
-    def __init__(self, token_to_id: dict[str, int], scores: list[float], byte_tokens: list[int | None]):
-        self.token_to_id = token_to_id
+    def __init__(self, vocab: Vocabulary, scores: array, byte_tokens: list[int | None]):
+        self.vocab = vocab
         self.scores = scores
         self.byte_tokens = byte_tokens
-        spanning = sorted((t for t in token_to_id if SPACE_MARK in t[1:]), key=len, reverse=True)
+        spanning = sorted((vocab[i] for i in vocab.ids_containing(SPACE_MARK, after_start=True)), key=len, reverse=True)
         self.spanning = regex.compile("|".join(map(regex.escape, spanning))) if spanning else None
         self.cache: dict[str, list[int]] = {}
 
@@ -220,7 +313,7 @@ class _SpmWords:
         def lookup(symbol: str | bytes) -> int | None:
             if isinstance(symbol, bytes):
                 symbol = symbol.decode("utf-8", "surrogateescape")
-            return self.token_to_id.get(symbol)
+            return self.vocab.get(symbol)
 
         n = len(symbols)
         prev = list(range(-1, n - 1))
@@ -273,8 +366,8 @@ class _SpmWords:
 class _BpeWords:
     """llama.cpp's llm_tokenizer_bpe on one text fragment: pre-tokenize, byte-map, merge; cached per word."""
 
-    def __init__(self, token_to_id: dict[str, int], merges: list[str], pre: _PreTokenizer):
-        self.token_to_id = token_to_id
+    def __init__(self, vocab: Vocabulary, merges: list[str], pre: _PreTokenizer):
+        self.vocab = vocab
         self.ranks: dict[str, int] = {}
         for rank, merge in enumerate(merges):
             self.ranks.setdefault(merge, rank)  # the first of duplicate merges counts, as in llama.cpp
@@ -296,8 +389,8 @@ class _BpeWords:
         return ids
 
     def _merge(self, word: str) -> list[int]:
-        if self.pre.ignore_merges and word in self.token_to_id:
-            return [self.token_to_id[word]]
+        if self.pre.ignore_merges and (token := self.vocab.get(word)) is not None:
+            return [token]
         symbols = list(word)
         n = len(symbols)
         prev = list(range(-1, n - 1))
@@ -330,11 +423,11 @@ class _BpeWords:
         for symbol in symbols:
             if not symbol:
                 continue
-            token = self.token_to_id.get(symbol)
+            token = self.vocab.get(symbol)
             if token is not None:
                 ids.append(token)
             else:  # as llama.cpp: fall back to single-character tokens, drop what has none
-                ids.extend(self.token_to_id[c] for c in symbol if c in self.token_to_id)
+                ids.extend(t for t in map(self.vocab.get, symbol) if t is not None)
         return ids
 
 
@@ -351,7 +444,7 @@ def _compact(value):
 class Tokenizer:
     """Text <-> token ids for one model, built with `Tokenizer.from_metadata(gguf.metadata)`."""
 
-    def __init__(self, *, tokens: list[str], attrs: list[TokenAttr], words: _SpmWords | _BpeWords,
+    def __init__(self, *, tokens: Vocabulary, attrs: list[TokenAttr], words: _SpmWords | _BpeWords,
                  bos_id: int | None, eos_id: int | None, eos_ids: frozenset[int], add_bos: bool,
                  add_space_prefix: bool, chat_template: str | None, source: str):
         self.tokens = tokens
@@ -379,7 +472,8 @@ class Tokenizer:
     @property
     def metadata(self) -> dict:
         """The tokenizer.* metadata it was built from (to write into a model directory or a GGUF)."""
-        return {k: v.tolist() if isinstance(v, array) else v for k, v in self._metadata.items()}
+        return {k: v.tolist() if isinstance(v, array) else list(v) if isinstance(v, Vocabulary) else v
+                for k, v in self._metadata.items()}
 
     # -- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -393,12 +487,11 @@ class Tokenizer:
         scores = array("f", reader.optional_list("tokenizer.ggml.scores", n) or [0.0] * n)
         token_types = reader.optional_list("tokenizer.ggml.token_type", n) or [1] * n
         attrs = [_ATTR_OF_TOKEN_TYPE.get(t, TokenAttr.UNDEFINED) for t in token_types[:n]]
-        token_to_id = {text: i for i, text in enumerate(tokens)}
+        vocab = Vocabulary(tokens)
 
         if model == "llama":
-            byte_tokens = [token_to_id.get(f"<0x{b:02X}>", token_to_id.get(chr(b)) if b < 0x80 else None)
-                           for b in range(256)]
-            words: _SpmWords | _BpeWords = _SpmWords(token_to_id, scores, byte_tokens)
+            byte_tokens = [vocab.get(f"<0x{b:02X}>", vocab.get(chr(b)) if b < 0x80 else None) for b in range(256)]
+            words: _SpmWords | _BpeWords = _SpmWords(vocab, scores, byte_tokens)
             default_bos, default_eos, default_add_bos = 1, 2, True
             add_space_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
         elif model == "gpt2":
@@ -407,7 +500,7 @@ class Tokenizer:
             if pre is None:
                 raise TokenizerError(f"{source}: unknown pre-tokenizer tokenizer.ggml.pre='{pre_name}'; edgelm "
                                      f"supports {', '.join(sorted(_PRE_TOKENIZERS))}")
-            words = _BpeWords(token_to_id, reader.require("tokenizer.ggml.merges", list), pre)
+            words = _BpeWords(vocab, reader.require("tokenizer.ggml.merges", list), pre)
             default_bos, default_eos, default_add_bos = 11, 11, pre.add_bos
             add_space_prefix = False
         else:
@@ -420,8 +513,8 @@ class Tokenizer:
         if add_bos and bos_id is None:
             raise TokenizerError(f"{source}: tokenizer.ggml.add_bos_token is true, but "
                                  "tokenizer.ggml.bos_token_id is not set; the file is malformed, re-convert it")
-        eos_ids = _end_of_generation_ids(reader, token_to_id, attrs, eos_id)
-        tokenizer = cls(tokens=tokens, attrs=attrs, words=words, bos_id=bos_id, eos_id=eos_id, eos_ids=eos_ids,
+        eos_ids = _end_of_generation_ids(reader, vocab, attrs, eos_id)
+        tokenizer = cls(tokens=vocab, attrs=attrs, words=words, bos_id=bos_id, eos_id=eos_id, eos_ids=eos_ids,
                         add_bos=add_bos, add_space_prefix=add_space_prefix,
                         chat_template=metadata.get("tokenizer.chat_template"), source=source)
         # Kept so that compressed artifacts can carry the tokenizer: shared with the tokenizer where it can be,
@@ -429,6 +522,7 @@ class Tokenizer:
         kept = {k: _compact(v) for k, v in metadata.items() if k.startswith("tokenizer.")}
         if "tokenizer.ggml.scores" in kept:
             kept["tokenizer.ggml.scores"] = scores
+        kept["tokenizer.ggml.tokens"] = vocab  # not the list of strings it was built from
         tokenizer._metadata = kept
         return tokenizer
 
@@ -574,7 +668,7 @@ class _MetadataReader:
         return value if isinstance(value, int) and 0 <= value < n_tokens else default
 
 
-def _end_of_generation_ids(reader: _MetadataReader, token_to_id: dict[str, int], attrs: list[TokenAttr],
+def _end_of_generation_ids(reader: _MetadataReader, vocab: Vocabulary, attrs: list[TokenAttr],
                            eos_id: int | None) -> frozenset[int]:
     """llama.cpp's EOG set; the tokens it finds by their text become CONTROL tokens (attrs is updated)."""
     n_tokens = len(attrs)
@@ -583,14 +677,15 @@ def _end_of_generation_ids(reader: _MetadataReader, token_to_id: dict[str, int],
     for key, texts in _FIM_TEXTS.items():
         fim_id = reader.token_id(key, n_tokens)
         if fim_id is None:
-            fim_id = next((token_to_id[t] for t in texts if t in token_to_id), None)
+            fim_id = next((i for i in map(vocab.get, texts) if i is not None), None)
             if fim_id is not None:
                 attrs[fim_id] |= TokenAttr.CONTROL
         if key in _FIM_KEYS_ENDING_GENERATION:
             ids.add(fim_id)
-    for text in _EOG_TEXTS & token_to_id.keys():
-        ids.add(token_to_id[text])
-        attrs[token_to_id[text]] |= TokenAttr.CONTROL
+    for token in map(vocab.get, sorted(_EOG_TEXTS)):
+        if token is not None:
+            ids.add(token)
+            attrs[token] |= TokenAttr.CONTROL
     ids.discard(None)
     return frozenset(ids)
 

@@ -307,3 +307,29 @@ def test_qwen_chat_template(qwen_path, gemma_path):
         "<|im_start|>assistant\n")
     with pytest.raises(TokenizerError, match="no chat template"):
         load_tokenizer(gemma_path).apply_chat_template(messages)
+
+
+def test_vocabulary_lookups_duplicates_and_pickling():
+    import pickle
+
+    from edgelm.tokenizer import Vocabulary
+
+    texts = ["<s>", "a", "\u2581b", "ab\u2581c", "ü", "a", "\ud800x", "", "\u2581\u2581"]
+    vocab = Vocabulary(texts)
+    assert len(vocab) == len(texts) and list(vocab) == texts and vocab[-1] == texts[-1]
+    assert vocab.get("a") == 5  # the last of duplicate texts, as llama.cpp's token_to_id
+    assert vocab.get("ü") == 4 and vocab.get("\ud800x") == 6 and vocab.get("") == 7
+    assert vocab.get("zz") is None and vocab.get("zz", -1) == -1 and "zz" not in vocab and "ab\u2581c" in vocab
+    assert vocab.index("a") == 1  # a Sequence: first occurrence
+    assert vocab.ids_containing("\u2581") == [2, 3, 8]
+    assert vocab.ids_containing("\u2581", after_start=True) == [3, 8]
+    with pytest.raises(IndexError, match="outside the vocabulary"):
+        vocab[len(texts)]
+    restored = pickle.loads(pickle.dumps(vocab))  # string hashes are per process: the index is rebuilt
+    assert [restored.get(t) for t in texts] == [vocab.get(t) for t in texts]
+
+
+def test_metadata_round_trip_gives_the_token_list(spm):
+    rebuilt = Tokenizer.from_metadata(spm.metadata, source="again")
+    assert spm.metadata["tokenizer.ggml.tokens"] == list(spm.tokens)
+    assert rebuilt.encode("hello world") == spm.encode("hello world")
