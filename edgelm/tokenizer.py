@@ -188,10 +188,10 @@ class Vocabulary(Sequence):
 
         n = len(texts)
         lengths = np.fromiter((len(t.encode("utf-8", "surrogatepass")) for t in texts), np.int64, n)
-        offsets = np.zeros(n + 1, np.int64)
+        offsets = np.zeros(n + 1, np.int32)  # (a vocabulary's texts are megabytes, not gigabytes)
         np.cumsum(lengths, out=offsets[1:])
         self._blob = "".join(texts).encode("utf-8", "surrogatepass")
-        self._offsets = _array_of("q", offsets)
+        self._offsets = _array_of("i", offsets)
         self._build_index(texts)
 
     def _build_index(self, texts: Iterable[str]) -> None:
@@ -242,7 +242,7 @@ class Vocabulary(Sequence):
         for k in range(1, len(needle)):
             hit &= data[k:len(data) - len(needle) + 1 + k] == needle[k]
         starts = np.nonzero(hit)[0]
-        offsets = np.frombuffer(self._offsets, np.int64)
+        offsets = np.frombuffer(self._offsets, np.int32).astype(np.int64)
         owner = np.searchsorted(offsets, starts, side="right") - 1
         ends_inside = starts + len(needle) <= offsets[owner + 1]  # not straddling two tokens
         keep = ends_inside & ((starts > offsets[owner]) if after_start else True)
@@ -437,14 +437,14 @@ def _compact(value):
         if all(type(v) is float for v in value[:64]):
             return array("f", value)
         if all(type(v) is int for v in value[:64]):
-            return array("q", value)
+            return array("b" if all(-128 <= v < 128 for v in value) else "q", value)
     return value
 
 
 class Tokenizer:
     """Text <-> token ids for one model, built with `Tokenizer.from_metadata(gguf.metadata)`."""
 
-    def __init__(self, *, tokens: Vocabulary, attrs: list[TokenAttr], words: _SpmWords | _BpeWords,
+    def __init__(self, *, tokens: Vocabulary, attrs: array, words: _SpmWords | _BpeWords,
                  bos_id: int | None, eos_id: int | None, eos_ids: frozenset[int], add_bos: bool,
                  add_space_prefix: bool, chat_template: str | None, source: str):
         self.tokens = tokens
@@ -486,7 +486,8 @@ class Tokenizer:
         # float32 arrays, not lists of Python floats: 1 MB instead of 8 for a 262k vocabulary
         scores = array("f", reader.optional_list("tokenizer.ggml.scores", n) or [0.0] * n)
         token_types = reader.optional_list("tokenizer.ggml.token_type", n) or [1] * n
-        attrs = [_ATTR_OF_TOKEN_TYPE.get(t, TokenAttr.UNDEFINED) for t in token_types[:n]]
+        # one byte per token (a list would hold a pointer per token: 2 MB for 262k)
+        attrs = array("B", [_ATTR_OF_TOKEN_TYPE.get(t, TokenAttr.UNDEFINED) for t in token_types[:n]])
         vocab = Vocabulary(tokens)
 
         if model == "llama":
@@ -668,7 +669,7 @@ class _MetadataReader:
         return value if isinstance(value, int) and 0 <= value < n_tokens else default
 
 
-def _end_of_generation_ids(reader: _MetadataReader, vocab: Vocabulary, attrs: list[TokenAttr],
+def _end_of_generation_ids(reader: _MetadataReader, vocab: Vocabulary, attrs: array,
                            eos_id: int | None) -> frozenset[int]:
     """llama.cpp's EOG set; the tokens it finds by their text become CONTROL tokens (attrs is updated)."""
     n_tokens = len(attrs)

@@ -31,7 +31,7 @@ def decode_all(model, ids, prefill=10):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [16, 8, 4])
 def test_cached_decode_equals_fake_quantized_forward(tiny, bits):
     _, model = tiny
     ids = torch.randint(3, model.args.vocab_size, (1, 30), generator=torch.Generator().manual_seed(0))
@@ -54,21 +54,25 @@ def test_error_grows_as_bits_shrink(tiny):
     with torch.inference_mode():
         reference = model(ids)[0]
         error = {}
-        for bits in (8, 4):
+        for bits in (16, 8, 4):
             model.set_kv_bits(bits)
             error[bits] = float((model(ids)[0] - reference).norm() / reference.norm())
+        model.set_kv_bits(32)
+        assert torch.equal(model(ids)[0], reference)
         model.set_kv_bits(None)
     # (Relative logit error rather than KL: the tiny gemma's random logits are too peaked for a KL.)
-    assert 0 < error[8] < error[4] / 2 and error[8] < 0.01
+    assert 0 < error[16] < error[8] / 4 and error[8] < error[4] / 2 and error[8] < 0.01
 
 
 def test_cache_bytes_shrink():
     shape = dict(batch=1, n_kv_heads=2, max_len=128, head_dim=64)
     floats = sum(b.numel() * b.element_size() for b in KVCache(**shape, dtype=torch.float32).buffers())
+    halves = sum(b.numel() * b.element_size() for b in KVCache(**shape, dtype=torch.float16).buffers())
     int8 = QuantizedKVCache(**shape, scheme=kv_scheme(8, 64)).nbytes
     int4 = QuantizedKVCache(**shape, scheme=kv_scheme(4, 64)).nbytes
-    assert int4 < int8 < floats / 3
-    with pytest.raises(GenerationError, match="--kv-bits must be 8 or 4"):
+    assert int4 < int8 < floats / 3 and halves == floats // 2
+    assert kv_scheme(16, 64) is None and kv_scheme(32, 64) is None  # float caches
+    with pytest.raises(GenerationError, match="--kv-bits must be one of 32, 16, 8, 4"):
         kv_scheme(3, 64)
 
 

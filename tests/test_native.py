@@ -23,11 +23,11 @@ def quantized_tiny(tmp_path, arch: str):
     return model
 
 
-@pytest.mark.parametrize("arch,kv_bits", [("gemma3", None), ("qwen2", None), ("llama", None), ("gemma3", 8),
-                                          ("qwen2", 4)])
+@pytest.mark.parametrize("arch,kv_bits", [("gemma3", None), ("qwen2", None), ("llama", None), ("gemma3", 16),
+                                          ("llama", 16), ("gemma3", 8), ("qwen2", 4)])
 def test_native_step_matches_the_eager_forward(tmp_path, arch, kv_bits):
     model = quantized_tiny(tmp_path, arch)
-    model.set_kv_bits(kv_bits)  # a quantized cache: the step reads and writes the same codes as the eager path
+    model.set_kv_bits(kv_bits)  # float16 or quantized: the step reads and writes the same values as the eager path
     prompt = list(range(3, 9))
     model.setup_caches(40)
     try:

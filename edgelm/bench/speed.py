@@ -30,7 +30,7 @@ from edgelm.errors import BenchmarkError, EdgelmError
 
 TTFT_PROMPT_TOKENS = 128
 PROMPT_SEED = 0
-LLAMA_CPP_BATCH = 512  # llama.cpp's default n_batch; edgelm's prefill chunk is 512 tokens as well
+LLAMA_CPP_BATCH = 512  # llama.cpp's default n_batch
 NORMAL_TOKEN_TYPE = 1  # tokenizer.ggml.token_type of ordinary (non-special, non-byte) tokens
 MIB = 2**20
 
@@ -184,15 +184,18 @@ class BenchReport:
 
 def run_benchmark(model: str, prompt_tokens: int = 512, gen_tokens: int = 128, threads: int | None = None,
                   reps: int = 3, vs_llama_cpp: bool = False, progress: bool = True,
-                  llama_cpp_model: str | None = None) -> BenchReport:
+                  llama_cpp_model: str | None = None, kv_bits: int = 16) -> BenchReport:
     """Benchmark a registry model, GGUF path or edgelm model directory; with vs_llama_cpp, alternate with
-    llama.cpp per rep — on the same GGUF, or for a directory on `llama_cpp_model` (default: its source)."""
+    llama.cpp per rep — on the same GGUF, or for a directory on `llama_cpp_model` (default: its source).
+    `kv_bits` is edgelm's KV cache (16: float16, as llama.cpp's default cache, which it keeps)."""
     counts = {"-p/--prompt-tokens": prompt_tokens, "-n/--gen-tokens": gen_tokens, "--reps": reps}
     if threads is not None:
         counts["--threads"] = threads
     for name, value in counts.items():
         if value < 1:
             raise BenchmarkError(f"{name} must be >= 1, got {value}")
+    if kv_bits not in (32, 16, 8, 4):
+        raise BenchmarkError(f"kv_bits must be 32, 16, 8 or 4, got {kv_bits}")
     if vs_llama_cpp:
         require_llama_cpp()
     from edgelm.registry import resolve
@@ -212,7 +215,7 @@ def run_benchmark(model: str, prompt_tokens: int = 512, gen_tokens: int = 128, t
     tokens = benchmark_prompt(metadata, max(prompt_tokens, TTFT_PROMPT_TOKENS))
     threads = threads or default_threads()
     job = {"model_path": str(path), "prompt": tokens[:prompt_tokens], "ttft_prompt": tokens[:TTFT_PROMPT_TOKENS],
-           "gen_tokens": gen_tokens, "threads": threads, "context": context}
+           "gen_tokens": gen_tokens, "threads": threads, "context": context, "kv_bits": kv_bits}
     model_paths = {EDGELM: str(path), LLAMA_CPP: str(llama_path)}
 
     display_name = Path(model).stem if Path(model).suffix == ".gguf" else model
@@ -298,7 +301,7 @@ def _run_worker(job: dict[str, Any], rep: int) -> dict[str, Any]:
 # -- worker side ----------------------------------------------------------------------------------------------
 
 class _EdgelmRunner:
-    def __init__(self, model_path: str, threads: int, context: int):
+    def __init__(self, model_path: str, threads: int, context: int, kv_bits: int):
         import torch
 
         import edgelm
@@ -306,6 +309,7 @@ class _EdgelmRunner:
         torch.set_num_threads(threads)
         start = time.perf_counter()
         self.model, _ = edgelm.load(model_path, pull=False, keep_quantized=True)
+        self.model.set_kv_bits(kv_bits)
         # llama.cpp allocates its KV cache while loading; the static cache here is reused by every phase.
         self.model.setup_caches(context)
         self.load_s = time.perf_counter() - start
@@ -339,9 +343,10 @@ class _EdgelmRunner:
 
 
 class _LlamaCppRunner:
-    def __init__(self, model_path: str, threads: int, context: int):
+    def __init__(self, model_path: str, threads: int, context: int, kv_bits: int):
         import llama_cpp
 
+        del kv_bits  # llama.cpp keeps its default float16 cache
         self.model_path = model_path
         start = time.perf_counter()
         self.llm = llama_cpp.Llama(model_path=model_path, n_ctx=context, n_batch=LLAMA_CPP_BATCH,
@@ -377,7 +382,7 @@ class _LlamaCppRunner:
 def measure(job: dict[str, Any]) -> dict[str, Any]:
     """Load one engine and time it (the worker's work); returns the fields of a Run it measures."""
     runner_class = {EDGELM: _EdgelmRunner, LLAMA_CPP: _LlamaCppRunner}[job["engine"]]
-    runner = runner_class(job["model_path"], job["threads"], job["context"])
+    runner = runner_class(job["model_path"], job["threads"], job["context"], job.get("kv_bits", 16))
 
     runner.prefill(job["ttft_prompt"])  # warm-up
     runner.decode(runner.greedy_token())

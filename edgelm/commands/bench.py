@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from edgelm.commands.common import add_model_argument, add_threads_argument
+from edgelm.commands.common import add_kv_bits_argument, add_model_argument, add_threads_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,6 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", "--gen-tokens", type=int, default=128,
                         help="greedy decode steps after the prompt (default: 128)")
     add_threads_argument(parser)
+    add_kv_bits_argument(parser)
     parser.add_argument("--reps", type=int, default=3,
                         help="repetitions, each in a fresh process per engine (default: 3)")
     parser.add_argument("--vs-llama-cpp", action="store_true",
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     report = run_benchmark(args.model, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
                            threads=args.threads, reps=args.reps, vs_llama_cpp=args.vs_llama_cpp,
-                           llama_cpp_model=args.llama_cpp_model)
+                           llama_cpp_model=args.llama_cpp_model, kv_bits=args.kv_bits)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     elif args.brief:

@@ -50,9 +50,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop when this text is generated (repeatable)")
 
 
-def add_kv_bits_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kv-bits", type=int, default=None, choices=[8, 4],
-                        help="quantize the KV cache to 8 or 4 bits (default: float)")
+def add_kv_bits_argument(parser: argparse.ArgumentParser, default: int = 16) -> None:
+    parser.add_argument("--kv-bits", type=int, default=default, choices=[32, 16, 8, 4],
+                        help=f"KV cache: 32/16 float32/float16, 8/4 quantized (default: {default})")
 
 
 def sampling_params(args: argparse.Namespace):

@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunks", type=int, default=None, help="evaluate only the first N chunks")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     add_threads_argument(parser)
-    add_kv_bits_argument(parser)
+    add_kv_bits_argument(parser, default=32)  # exact unless asked
 
 
 def run(args: argparse.Namespace) -> int:

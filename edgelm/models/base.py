@@ -203,6 +203,7 @@ class Attention(nn.Module):
         self.rope_neox = args.rope_neox
         self.kv_cache: nn.Module | None = None
         self.kv_quant = None  # QuantScheme of a quantized KV cache (see runtime/kv_cache.py), None = float
+        self.kv_dtype = torch.float32  # of a float cache (float16 halves its memory, as llama.cpp's default)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -221,6 +222,8 @@ class Attention(nn.Module):
             from edgelm.runtime.kv_cache import fake_quantize_kv
 
             k, v = fake_quantize_kv(k, self.kv_quant), fake_quantize_kv(v, self.kv_quant)
+        elif self.kv_dtype != k.dtype:  # no cache: the rounding a float16 cache applies
+            k, v = k.to(self.kv_dtype), v.to(self.kv_dtype)
         out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
                                              scale=self.scale, enable_gqa=self.n_heads != self.n_kv_heads)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
@@ -273,7 +276,9 @@ class Transformer(nn.Module):
         self.cache_len = 0  # capacity of the KV caches, 0 when none are set up
 
     # -- caches -----------------------------------------------------------------------------------------
-    def setup_caches(self, max_len: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> None:
+    def setup_caches(self, max_len: int, batch: int = 1, dtype: torch.dtype | None = None) -> None:
+        """Static KV caches for `max_len` positions: quantized (set_kv_bits 8/4) or float in `dtype`
+        (default: the layers' kv_dtype, set_kv_bits 32/16)."""
         if max_len > self.args.max_context:
             raise GenerationError(f"{max_len} tokens exceed the model's context of {self.args.max_context}; "
                                   "shorten the prompt or lower --max-tokens")
@@ -284,17 +289,19 @@ class Transformer(nn.Module):
                 layer.attn.kv_cache = QuantizedKVCache(batch, self.args.n_kv_heads, max_len, self.args.head_dim,
                                                        layer.attn.kv_quant)
             else:
-                layer.attn.kv_cache = KVCache(batch, self.args.n_kv_heads, max_len, self.args.head_dim, dtype)
+                layer.attn.kv_cache = KVCache(batch, self.args.n_kv_heads, max_len, self.args.head_dim,
+                                              dtype or layer.attn.kv_dtype)
         self.cache_len = max_len
         self._release_compiled_step()
 
     def set_kv_bits(self, bits: int | None) -> None:
-        """Quantize the KV cache to 8 or 4 bits from now on (None: float cache)."""
+        """The KV cache from the next setup_caches on: 32 (or None) float32, 16 float16, 8 or 4 quantized."""
         from edgelm.runtime.kv_cache import kv_scheme
 
         scheme = kv_scheme(bits, self.args.head_dim)
         for layer in self.layers:
             layer.attn.kv_quant = scheme
+            layer.attn.kv_dtype = torch.float16 if bits == 16 else torch.float32
 
     def _release_compiled_step(self) -> None:
         """Forget the compiled decode step (runtime/native.py) built for the caches being replaced."""

@@ -15,12 +15,15 @@ from edgelm.compress.quant.primitives import QuantScheme, compute_params, dequan
 from edgelm.errors import GenerationError
 
 
+KV_BITS = (32, 16, 8, 4)  # float32, float16, and the two quantized caches
+
+
 def kv_scheme(bits: int | None, head_dim: int, group_size: int = 32) -> QuantScheme | None:
-    """The cache's quantization scheme for --kv-bits (None: keep float)."""
-    if bits is None:
+    """The cache's quantization scheme for --kv-bits 8 or 4 (None for a float cache: 32, 16 or None)."""
+    if bits not in (None, *KV_BITS):
+        raise GenerationError(f"--kv-bits must be one of {', '.join(map(str, KV_BITS))}, got {bits}")
+    if bits in (None, 32, 16):
         return None
-    if bits not in (4, 8):
-        raise GenerationError(f"--kv-bits must be 8 or 4 (or omitted for a float cache), got {bits}")
     return QuantScheme(bits, min(group_size, head_dim))
 
 

@@ -7,8 +7,8 @@ the kernels, reading the model's own weights and static KV cache in place (no co
 with the embedding row, the final norm, the output matrix (also on the kernels) and sampling.
 
 A model runs here when every projection of every block is a quantized layer the kernels support and its
-KV cache is float32 or quantized to 8/4 bits (`--kv-bits`: the step writes and reads the same codes as
-the eager path); anything else (float or low-rank layers, a batch) decodes on the eager path, with the
+KV cache is float32, float16 or quantized to 8/4 bits (`--kv-bits`: the step writes and reads the same
+values as the eager path); anything else (float or low-rank layers, a batch) decodes on the eager path, with the
 same results up to the int8 activations of the kernels.
 """
 
@@ -81,8 +81,11 @@ class NativeDecoder:
             local = args.is_local(i)
             layer.rope_cos, layer.rope_sin = tables["local" if local else "global"]
             cache = attn.kv_cache
-            if type(cache) is KVCache:
+            if type(cache) is KVCache and cache.k.dtype == torch.float32:
                 layer.k_cache, layer.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
+            elif type(cache) is KVCache:  # float16: the step converts each row it writes and reads
+                layer.k_quant = _KVQuant(16, args.head_dim, cache.k.data_ptr(), None, None)
+                layer.v_quant = _KVQuant(16, args.head_dim, cache.v.data_ptr(), None, None)
             else:  # quantized: the same codes, scales and zeros the eager path reads and writes
                 for name in ("k", "v"):
                     setattr(layer, f"{name}_quant", _KVQuant(
@@ -162,11 +165,11 @@ def _eligible(model: Transformer) -> bool:
 
 
 def _cache_supported(cache, head_dim: int) -> bool:
-    """A float32 cache, or an 8-/4-bit quantized one (asymmetric groups that divide the head)."""
+    """A float32 or float16 cache, or an 8-/4-bit quantized one (asymmetric groups that divide the head)."""
     from edgelm.runtime.kv_cache import QuantizedKVCache
 
     if type(cache) is KVCache:
-        return cache.k.dtype == torch.float32 and cache.k.shape[0] == 1
+        return cache.k.dtype in (torch.float32, torch.float16) and cache.k.shape[0] == 1
     if type(cache) is QuantizedKVCache:
         scheme = cache.scheme
         group = scheme.group_size or head_dim

@@ -878,7 +878,7 @@ EK_EXPORT int ek_dequantize(const ek_matrix *m, int64_t first, int64_t n, void *
 
 /* A quantized KV cache (edgelm/runtime/kv_cache.py): each cached vector of head_dim values is cut into
  * groups with an fp16 scale and a uint8 zero point, codes of `bits` bits packed densely (4-bit: two per byte,
- * low nibble first). */
+ * low nibble first). bits 16: a float16 cache (codes hold the halves; no scales or zeros). */
 typedef struct {
     int32_t bits, group;   /* bits 0: not quantized */
     uint8_t *codes;        /* [n_kv_heads][max_len][head_dim * bits / 8] */
@@ -903,9 +903,33 @@ static uint16_t float_to_half(float f) {
     return (uint16_t)(sign | ((rounded - 0x38000000u) >> 13));
 }
 
+/* n fp16 values -> floats (F16C where the CPU has AVX-512: the attention reads a float16 KV cache this way). */
+#ifdef EK_X86
+EK_AVX512 static void halves_to_floats_avx512(const uint16_t *h, float *out, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + i))));
+    for (; i < n; i++) out[i] = half_to_float(h[i]);
+}
+#endif
+
+static void halves_to_floats(const uint16_t *h, float *out, int64_t n) {
+#ifdef EK_X86
+    if (ek_cpu_level() >= EK_AVX512_VNNI) {
+        halves_to_floats_avx512(h, out, n);
+        return;
+    }
+#endif
+    for (int64_t i = 0; i < n; i++) out[i] = half_to_float(h[i]);
+}
+
 /* Quantize one head's vector x[n] into position `row` of a quantized cache, as compute_params / quantize /
  * pack do (asymmetric min-max per group, round half to even, codes clamped to [0, 2^bits - 1]). */
 static void kv_store(const ek_kv_quant *c, int64_t row, const float *x, int64_t n) {
+    if (c->bits == 16) { /* as PyTorch's float -> float16 (round to nearest even) */
+        uint16_t *h = (uint16_t *)c->codes + row * n;
+        for (int64_t i = 0; i < n; i++) h[i] = float_to_half(x[i]);
+        return;
+    }
     const int64_t n_groups = n / c->group, qmax = (1 << c->bits) - 1;
     uint8_t *codes = c->codes + row * (n * c->bits / 8);
     if (c->bits == 4) memset(codes, 0, (size_t)(n / 2));
@@ -934,6 +958,10 @@ static void kv_store(const ek_kv_quant *c, int64_t row, const float *x, int64_t 
 
 /* Position `row` of a quantized cache as floats, s * (code - z) with the stored fp16 scale. */
 EK_CLONES static void kv_load(const ek_kv_quant *c, int64_t row, float *out, int64_t n) {
+    if (c->bits == 16) {
+        halves_to_floats((const uint16_t *)c->codes + row * n, out, n);
+        return;
+    }
     const int64_t n_groups = n / c->group;
     const uint8_t *codes = c->codes + row * (n * c->bits / 8);
     for (int64_t g = 0; g < n_groups; g++) {
