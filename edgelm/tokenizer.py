@@ -265,7 +265,6 @@ def _array_of(typecode: str, values) -> array:
     return out
 
 
-
 class _SpmWords:
     """llama.cpp's llm_tokenizer_spm on one escaped text fragment, cached per word.
 
@@ -461,8 +460,8 @@ class Tokenizer:
         self._is_spm = isinstance(words, _SpmWords)
         # Special tokens for the partition, longest first (llama.cpp's cache_special_tokens; it leaves the
         # order of equal lengths unspecified, here it is id order).
-        mask = int(_PARSED_SPECIAL | TokenAttr.USER_DEFINED)  # plain ints: IntFlag's & is slow for 262k tokens
-        special = [i for i, a in enumerate(attrs) if int(a) & mask]
+        mask = int(_PARSED_SPECIAL | TokenAttr.USER_DEFINED)  # a plain int: IntFlag's & is slow for 262k tokens
+        special = [i for i, a in enumerate(attrs) if a & mask]
         special.sort(key=lambda i: -len(tokens[i]))
         self._always_split = [(tokens[i], i) for i in special if not attrs[i] & _PARSED_SPECIAL]
         self._split_when_parsing = [(tokens[i], i) for i in special]

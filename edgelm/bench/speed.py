@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from edgelm.errors import BenchmarkError, EdgelmError
+from edgelm.runtime import KV_BITS
 
 TTFT_PROMPT_TOKENS = 128
 PROMPT_SEED = 0
@@ -194,8 +195,8 @@ def run_benchmark(model: str, prompt_tokens: int = 512, gen_tokens: int = 128, t
     for name, value in counts.items():
         if value < 1:
             raise BenchmarkError(f"{name} must be >= 1, got {value}")
-    if kv_bits not in (32, 16, 8, 4):
-        raise BenchmarkError(f"kv_bits must be 32, 16, 8 or 4, got {kv_bits}")
+    if kv_bits not in KV_BITS:
+        raise BenchmarkError(f"kv_bits must be one of {', '.join(map(str, KV_BITS))}, got {kv_bits}")
     if vs_llama_cpp:
         require_llama_cpp()
     from edgelm.registry import resolve
@@ -382,7 +383,7 @@ class _LlamaCppRunner:
 def measure(job: dict[str, Any]) -> dict[str, Any]:
     """Load one engine and time it (the worker's work); returns the fields of a Run it measures."""
     runner_class = {EDGELM: _EdgelmRunner, LLAMA_CPP: _LlamaCppRunner}[job["engine"]]
-    runner = runner_class(job["model_path"], job["threads"], job["context"], job.get("kv_bits", 16))
+    runner = runner_class(job["model_path"], job["threads"], job["context"], job["kv_bits"])
 
     runner.prefill(job["ttft_prompt"])  # warm-up
     runner.decode(runner.greedy_token())

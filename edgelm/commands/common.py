@@ -51,7 +51,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_kv_bits_argument(parser: argparse.ArgumentParser, default: int = 16) -> None:
-    parser.add_argument("--kv-bits", type=int, default=default, choices=[32, 16, 8, 4],
+    from edgelm.runtime import KV_BITS
+
+    parser.add_argument("--kv-bits", type=int, default=default, choices=KV_BITS,
                         help=f"KV cache: 32/16 float32/float16, 8/4 quantized (default: {default})")
 
 

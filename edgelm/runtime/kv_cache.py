@@ -13,9 +13,7 @@ from torch import nn
 
 from edgelm.compress.quant.primitives import QuantScheme, compute_params, dequantize, pack, quantize, unpack
 from edgelm.errors import GenerationError
-
-
-KV_BITS = (32, 16, 8, 4)  # float32, float16, and the two quantized caches
+from edgelm.runtime import KV_BITS
 
 
 def kv_scheme(bits: int | None, head_dim: int, group_size: int = 32) -> QuantScheme | None:

@@ -339,32 +339,42 @@ typedef struct {
     const int8_t *xt;   /* [T][n_quads * 256] activations in quad-transposed order (T > 1 only) */
 } avx512_job;
 
-/* sum_g s_g * z_g * gsum_g: a row's zero-point term (the dot products use the unsigned codes as they are);
- * zero points are uint8 integers (zr) or fp16 (zf, ggml Q4_K's mins). */
+/* Lanes [0, min(left, 16)) of a 16-lane vector: the tail of a loop in steps of 16. */
+EK_AVX512 static inline __mmask16 first_lanes(int64_t left) {
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+}
+
+/* s_g * z_g for the 16 groups from g (0 past n_groups; mask in *k): zero points are uint8 integers (zr) or
+ * fp16 (zf, ggml Q4_K's mins). */
+EK_AVX512 static inline __m512 scaled_zero16(const uint16_t *sc, const uint8_t *zr, const uint16_t *zf, int64_t g,
+                                             int64_t n_groups, __mmask16 *k) {
+    *k = first_lanes(n_groups - g);
+    const __m512 scale = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(*k, sc + g));
+    const __m512 zero = zr ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(*k, zr + g)))
+                           : _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(*k, zf + g));
+    return _mm512_mul_ps(scale, zero);
+}
+
+/* sum_g s_g * z_g * gsum_g: a row's zero-point term (the dot products use the unsigned codes as they are). */
 EK_AVX512 static inline float zero_term(const uint16_t *sc, const uint8_t *zr, const uint16_t *zf,
                                         const float *gsum, int64_t n_groups) {
     if (!zr && !zf) return 0.f;
     __m512 acc = _mm512_setzero_ps();
     for (int64_t g = 0; g < n_groups; g += 16) {
-        __mmask16 k = n_groups - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n_groups - g)) - 1);
-        __m512 scale = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, sc + g));
-        __m512 zero = zr ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, zr + g)))
-                         : _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, zf + g));
-        acc = _mm512_fmadd_ps(_mm512_mul_ps(scale, zero), _mm512_maskz_loadu_ps(k, gsum + g), acc);
+        __mmask16 k;
+        const __m512 sz = scaled_zero16(sc, zr, zf, g, n_groups, &k);
+        acc = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(k, gsum + g), acc);
     }
     return _mm512_reduce_add_ps(acc);
 }
 
-/* The scale-times-zero products of a row as zero_term forms them (16 groups per vector, 0 past the end), kept
- * by the tile path so that each token's zero-point term is one multiply-add per 16 groups. */
+/* The products s_g * z_g of a row (0 past the end), kept by the tile path so that each token's zero-point
+ * term is one multiply-add per 16 groups. */
 EK_AVX512 static inline void scaled_zeros(const uint16_t *sc, const uint8_t *zr, const uint16_t *zf, int64_t n_groups,
                                           float *out) {
     for (int64_t g = 0; g < n_groups; g += 16) {
-        __mmask16 k = n_groups - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n_groups - g)) - 1);
-        __m512 scale = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, sc + g));
-        __m512 zero = zr ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, zr + g)))
-                         : _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, zf + g));
-        _mm512_storeu_ps(out + g, _mm512_mul_ps(scale, zero));
+        __mmask16 k;
+        _mm512_storeu_ps(out + g, scaled_zero16(sc, zr, zf, g, n_groups, &k));
     }
 }
 
@@ -372,7 +382,7 @@ EK_AVX512 static inline void scaled_zeros(const uint16_t *sc, const uint8_t *zr,
 EK_AVX512 static inline float zero_term_scaled(const float *sz, const float *gsum, int64_t n_groups) {
     __m512 acc = _mm512_setzero_ps();
     for (int64_t g = 0; g < n_groups; g += 16) {
-        __mmask16 k = n_groups - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n_groups - g)) - 1);
+        const __mmask16 k = first_lanes(n_groups - g);
         acc = _mm512_fmadd_ps(_mm512_loadu_ps(sz + g), _mm512_maskz_loadu_ps(k, gsum + g), acc);
     }
     return _mm512_reduce_add_ps(acc);
@@ -380,7 +390,7 @@ EK_AVX512 static inline float zero_term_scaled(const float *sz, const float *gsu
 
 EK_AVX512 static inline __m512 load_scales16(const uint16_t *sc, int64_t first, int64_t n_groups) {
     int64_t left = n_groups - first;
-    __mmask16 k = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+    const __mmask16 k = first_lanes(left);
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, sc + first));
 }
 
@@ -1003,7 +1013,7 @@ typedef struct {
     const float *bq, *bk, *bv;                    /* q/k/v biases (Qwen2), or NULL */
     const float *rope_cos, *rope_sin;             /* [max_len][head_dim / 2] for this layer's rope base */
     float *k_cache, *v_cache;                     /* [n_kv_heads][max_len][head_dim], or NULL when: */
-    ek_kv_quant k_quant, v_quant;                 /* the cache is quantized (runtime/kv_cache.py) */
+    ek_kv_quant k_quant, v_quant;                 /* the cache is quantized (runtime/kv_cache.py) or fp16 */
     int32_t window;                               /* sliding window (attend to the last `window`), 0 = global */
 } ek_layer;
 
@@ -1016,7 +1026,7 @@ EK_AVX512 static float dot_avx512(const float *a, const float *b, int64_t n) {
         acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
     }
     for (; i < n; i += 16) {
-        __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        const __mmask16 k = first_lanes(n - i);
         acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + i), _mm512_maskz_loadu_ps(k, b + i), acc0);
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
