@@ -80,7 +80,7 @@ def test_table_json_and_brief_formats():
     assert data["ratios"]["decode_tps"] == 0.25 and data["higher_is_better"]["load_s"] is False
 
     assert report.brief() == ("tiny: prompt 64 tok @ 64.0 tok/s | decode 8 tok @ 2.0 tok/s | TTFT 2000 ms | "
-                              "load 1.00 s | peak RSS 500 MiB | vs llama.cpp: prompt 0.50x, decode 0.25x")
+                              "import+load 1.00 s | peak RSS 500 MiB | vs llama.cpp: prompt 0.50x, decode 0.25x")
 
 
 def test_edgelm_alone_has_no_ratios():
@@ -159,6 +159,7 @@ def test_tiny_model_against_llama_cpp(tmp_path):
                            progress=False)
     data = report.to_dict()
     assert data["model"] == "tiny" and [len(data["engines"][e]["runs"]) for e in (EDGELM, LLAMA_CPP)] == [2, 2]
+    assert data["engines"][EDGELM]["runs"][0]["runtime"] == "pytorch"  # a GGUF file: the PyTorch models
     for engine in (EDGELM, LLAMA_CPP):
         for run in data["engines"][engine]["runs"]:
             assert_positive_numbers(run)
@@ -206,6 +207,9 @@ def test_model_directory_against_its_source_gguf(tmp_path):
     data = report.to_dict()
     ours, theirs = (data["engines"][e]["runs"][0] for e in (EDGELM, LLAMA_CPP))
     assert_positive_numbers(ours)
+    # A directory in the plane layout runs on the kernels-only runtime, without PyTorch.
+    assert (ours["runtime"], theirs["runtime"]) == ("kernels", LLAMA_CPP)
+    assert "edgelm on its kernels runtime" in report.table().splitlines()[0]
     assert ours["model_bytes"] < 0.5 * theirs["model_bytes"]  # 4-bit codes against the float32 file
     path.unlink()  # the source moved away: say how to name the GGUF to compare with
     with pytest.raises(BenchmarkError, match="--llama-cpp-model"):

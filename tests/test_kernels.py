@@ -72,7 +72,7 @@ def test_matvec_matches_dequantized_reference(bits, group):
 def test_symmetric_grids_run_with_their_fixed_zero_point(bits):
     """ggml's Q5_0 / Q8_0 grids (kept losslessly by the `source` step) are symmetric."""
     weight = packed(40, 256, bits, 32, symmetric=True)
-    assert kernels.supports(weight.scheme, 256, weight.zeros.dtype)
+    assert kernels.supports(weight.scheme.bits, weight.scheme.group_size, 256, "uint8")
     qa = QuantizedActivations(torch.randn(2, 256, generator=torch.Generator().manual_seed(5)))
     expected = reference(weight, qa)
     got = KernelMatrix.from_packed(weight).matvec(qa).double()
@@ -88,7 +88,7 @@ def test_fp16_zero_points_run_too(group):
     scale = torch.rand(50, 256 // group, generator=g) * 0.1 + 0.01
     zero = torch.rand(50, 256 // group, generator=g) * 15
     weight = PackedWeight.from_codes(codes, scale, zero, QuantScheme(4, group), zero_dtype=torch.float16)
-    assert kernels.supports(weight.scheme, 256, torch.float16)
+    assert kernels.supports(weight.scheme.bits, weight.scheme.group_size, 256, "float16")
     km = KernelMatrix.from_packed(weight)
     qa = QuantizedActivations(torch.randn(3, 256, generator=g))
     expected = reference(weight, qa)

@@ -5,6 +5,10 @@ the job as JSON on stdin, the result as JSON on stdout), so load time and peak R
 alone. Repetitions alternate engines, so a machine that gets busier or quieter affects both alike. Both
 engines see the same prompt: random non-special token ids from a fixed seed, as llama-bench does.
 
+edgelm runs a model directory in the plane layout on its kernels-only runtime (edgelm/runtime/engine.py,
+no PyTorch), anything else (GGUF files, float or low-rank layers) on its PyTorch models. "load" is import
+plus load, for both engines: what a user waits for before the first token can be computed.
+
 Per worker: load the model, warm up (first calls pay for thread pools, kernel selection and faulting in
 memory-mapped weights), then time
   - TTFT: a 128-token prompt through the prefill plus the greedy pick of the first token,
@@ -15,7 +19,6 @@ memory-mapped weights), then time
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -27,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from edgelm.errors import BenchmarkError, EdgelmError
+from edgelm.kernels import usable_cpus
 from edgelm.runtime import KV_BITS
 
 TTFT_PROMPT_TOKENS = 128
@@ -50,7 +54,7 @@ METRICS = (
     Metric("prompt_tps", "prompt tok/s", ".1f", True),
     Metric("decode_tps", "decode tok/s", ".2f", True),
     Metric("ttft_ms", "TTFT ms", ".0f", False),
-    Metric("load_s", "load s", ".2f", False),
+    Metric("load_s", "import+load s", ".2f", False),
     Metric("peak_rss_mib", "peak RSS MiB", ".0f", False),
     Metric("model_mib", "model MiB", ".0f", False),
     Metric("effective_gbps", "effective GB/s", ".2f", True),
@@ -71,6 +75,7 @@ class Run:
     peak_rss_bytes: int
     model_bytes: int  # weights as the engine holds them in memory
     bytes_per_token: int  # weight bytes read to decode one token
+    runtime: str = ""  # edgelm's: "kernels" (no PyTorch, runtime/engine.py) or "pytorch"
 
     def metrics(self) -> dict[str, float]:
         decode_tps = self.gen_tokens / self.decode_s
@@ -159,10 +164,11 @@ class BenchReport:
                 row += [f"{ratios[m.key]:#.3g}", f"({favours} favours edgelm)"]
             rows.append(row)
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        runtime = self.runs[EDGELM][0].runtime if self.runs.get(EDGELM) else ""
         lines = [
             f"{self.model}: prompt {self.prompt_tokens} tokens, decode {self.gen_tokens} tokens, "
             f"TTFT on a {TTFT_PROMPT_TOKENS}-token prompt; {self.threads} threads; "
-            f"median (min-max) of {self.reps} reps",
+            f"median (min-max) of {self.reps} reps" + (f"; edgelm on its {runtime} runtime" if runtime else ""),
             "",
         ]
         for row in rows:
@@ -174,7 +180,7 @@ class BenchReport:
         s = self.summary(EDGELM)
         line = (f"{self.model}: prompt {self.prompt_tokens} tok @ {s['prompt_tps'].median:.1f} tok/s | "
                 f"decode {self.gen_tokens} tok @ {s['decode_tps'].median:.1f} tok/s | "
-                f"TTFT {s['ttft_ms'].median:.0f} ms | load {s['load_s'].median:.2f} s | "
+                f"TTFT {s['ttft_ms'].median:.0f} ms | import+load {s['load_s'].median:.2f} s | "
                 f"peak RSS {s['peak_rss_mib'].median:.0f} MiB")
         ratios = self.ratios()
         if ratios:
@@ -214,7 +220,7 @@ def run_benchmark(model: str, prompt_tokens: int = 512, gen_tokens: int = 128, t
             raise BenchmarkError(f"{path}: llama.cpp needs a GGUF to compare with and the directory's source "
                                  f"model is not at hand ({source}); pass --llama-cpp-model FILE_OR_NAME")
     tokens = benchmark_prompt(metadata, max(prompt_tokens, TTFT_PROMPT_TOKENS))
-    threads = threads or default_threads()
+    threads = threads or usable_cpus()
     job = {"model_path": str(path), "prompt": tokens[:prompt_tokens], "ttft_prompt": tokens[:TTFT_PROMPT_TOKENS],
            "gen_tokens": gen_tokens, "threads": threads, "context": context, "kv_bits": kv_bits}
     model_paths = {EDGELM: str(path), LLAMA_CPP: str(llama_path)}
@@ -237,7 +243,7 @@ def run_benchmark(model: str, prompt_tokens: int = 512, gen_tokens: int = 128, t
             if progress:
                 values = run.metrics()
                 print(f" prompt {values['prompt_tps']:.1f} tok/s, decode {values['decode_tps']:.2f} tok/s, "
-                      f"load {run.load_s:.2f} s", file=sys.stderr, flush=True)
+                      f"import+load {run.load_s:.2f} s", file=sys.stderr, flush=True)
     return report
 
 
@@ -262,11 +268,6 @@ def require_llama_cpp() -> None:
     except ImportError:
         raise BenchmarkError("--vs-llama-cpp needs llama-cpp-python, which is not installed: "
                              "pip install 'edgelm[llama]'") from None
-
-
-def default_threads() -> int:
-    """The CPUs this process may run on (all cores unless restricted by affinity or a container)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def benchmark_prompt(metadata: dict[str, Any], n_tokens: int, seed: int = PROMPT_SEED) -> list[int]:
@@ -302,18 +303,20 @@ def _run_worker(job: dict[str, Any], rep: int) -> dict[str, Any]:
 # -- worker side ----------------------------------------------------------------------------------------------
 
 class _EdgelmRunner:
+    """edgelm's PyTorch models (GGUF files, and directories the kernels-only runtime does not run)."""
+
+    runtime = "pytorch"
+
     def __init__(self, model_path: str, threads: int, context: int, kv_bits: int):
         import torch
 
         import edgelm
 
         torch.set_num_threads(threads)
-        start = time.perf_counter()
         self.model, _ = edgelm.load(model_path, pull=False, keep_quantized=True)
         self.model.set_kv_bits(kv_bits)
         # llama.cpp allocates its KV cache while loading; the static cache here is reused by every phase.
         self.model.setup_caches(context)
-        self.load_s = time.perf_counter() - start
         self.pos = 0
         self.logits = None
 
@@ -343,17 +346,43 @@ class _EdgelmRunner:
         return total, bytes_read_per_token(total, embedding_bytes, self.model.args.vocab_size, tied)
 
 
+class _KernelEngineRunner:
+    """edgelm's kernels-only runtime on a plane-layout model directory (PyTorch is never imported)."""
+
+    runtime = "kernels"
+
+    def __init__(self, model_path: str, threads: int, context: int, kv_bits: int):
+        from edgelm.runtime.engine import KernelEngine
+
+        self.engine = KernelEngine.load(model_path, context=context, kv_bits=kv_bits, threads=threads)
+        self.logits = None
+
+    def prefill(self, tokens: list[int]) -> None:
+        self.logits = self.engine.prefill(tokens)  # from position 0, overwriting the static cache
+
+    def decode(self, token: int) -> None:
+        self.logits = self.engine.decode(token)
+
+    def greedy_token(self) -> int:
+        return int(self.logits.argmax())
+
+    def weight_bytes(self) -> tuple[int, int]:
+        engine = self.engine
+        return engine.weight_bytes, bytes_read_per_token(engine.weight_bytes, engine.embedding_bytes,
+                                                         engine.vocab_size, engine.args.tie_embeddings)
+
+
 class _LlamaCppRunner:
+    runtime = LLAMA_CPP
+
     def __init__(self, model_path: str, threads: int, context: int, kv_bits: int):
         import llama_cpp
 
         del kv_bits  # llama.cpp keeps its default float16 cache
         self.model_path = model_path
-        start = time.perf_counter()
         self.llm = llama_cpp.Llama(model_path=model_path, n_ctx=context, n_batch=LLAMA_CPP_BATCH,
                                    n_threads=threads, n_threads_batch=threads, logits_all=False,
                                    verbose=False)
-        self.load_s = time.perf_counter() - start
         self.get_logits_ith = llama_cpp.llama_get_logits_ith
         self.n_vocab = self.llm.n_vocab()
 
@@ -382,8 +411,15 @@ class _LlamaCppRunner:
 
 def measure(job: dict[str, Any]) -> dict[str, Any]:
     """Load one engine and time it (the worker's work); returns the fields of a Run it measures."""
+    start = time.perf_counter()  # import + load: the runners import their engine
     runner_class = {EDGELM: _EdgelmRunner, LLAMA_CPP: _LlamaCppRunner}[job["engine"]]
+    if job["engine"] == EDGELM:
+        from edgelm.runtime.engine import unsupported_reason
+
+        if unsupported_reason(job["model_path"]) is None:
+            runner_class = _KernelEngineRunner
     runner = runner_class(job["model_path"], job["threads"], job["context"], job["kv_bits"])
+    load_s = time.perf_counter() - start
 
     runner.prefill(job["ttft_prompt"])  # warm-up
     runner.decode(runner.greedy_token())
@@ -404,7 +440,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
 
     peak_rss = peak_rss_bytes()  # before anything below allocates
     model_bytes, per_token = runner.weight_bytes()
-    return {"load_s": runner.load_s, "ttft_s": ttft_s, "prompt_s": prompt_s, "decode_s": decode_s,
+    return {"runtime": runner.runtime, "load_s": load_s, "ttft_s": ttft_s, "prompt_s": prompt_s, "decode_s": decode_s,
             "peak_rss_bytes": peak_rss, "model_bytes": model_bytes, "bytes_per_token": per_token}
 
 

@@ -15,12 +15,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from edgelm.errors import ModelFormatError
+
+if TYPE_CHECKING:  # reading a directory's config and tokenizer needs no PyTorch (edgelm/runtime/engine.py)
+    from torch import nn
 
 FORMAT = "edgelm"
 FORMAT_VERSION = 2  # 2: packed codes may be stored in the kernels' plane layout
@@ -85,12 +85,13 @@ def _plane_layout(model: nn.Module) -> None:
 
 def load_artifact(path: str | os.PathLike[str]):
     """(model, tokenizer) from an artifact directory."""
+    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from edgelm.compress.recipe import replace_module
     from edgelm.models import architecture_module
-    from edgelm.models.base import ModelArgs
+    from edgelm.models.args import ModelArgs
     from edgelm.tokenizer import Tokenizer
 
     path = Path(path)
@@ -115,6 +116,36 @@ def load_artifact(path: str | os.PathLike[str]):
     model.source = config.get("source")
     model.artifact_config = config
     return model.eval(), Tokenizer.from_metadata(read_tokenizer_metadata(path), source=str(path))
+
+
+# safetensors dtype -> numpy dtype (bfloat16 has none: such tensors are left out of map_weights).
+_NUMPY_DTYPES = {"U8": "uint8", "I8": "int8", "F16": "float16", "F32": "float32", "I32": "int32",
+                 "I64": "int64", "F64": "float64", "BOOL": "bool"}
+
+
+def map_weights(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The tensors of DIR/model.safetensors as read-only numpy arrays over one memory map of the file (no
+    copy: pages are read when first touched and stay shared with the page cache)."""
+    import numpy as np
+
+    file = Path(path) / WEIGHTS
+    try:
+        with open(file, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+        data = np.memmap(file, dtype=np.uint8, mode="r")
+    except (OSError, ValueError) as exc:
+        raise ModelFormatError(f"{file}: cannot read ({exc}); the directory is damaged, re-create it") from None
+    base = 8 + header_len
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__" or info.get("dtype") not in _NUMPY_DTYPES:
+            continue
+        begin, end = info["data_offsets"]
+        if base + end > data.size:
+            raise ModelFormatError(f"{file}: tensor {name} runs past the end of the file; re-create the directory")
+        tensors[name] = data[base + begin:base + end].view(_NUMPY_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return tensors
 
 
 def read_tokenizer_metadata(path: Path) -> dict[str, Any]:
@@ -174,6 +205,8 @@ def _quantized_spec(module: nn.Module) -> dict[str, Any]:
 
 
 def _packed_format(w: nn.Module) -> dict[str, Any]:
+    import torch
+
     spec = {"bits": w.scheme.bits, "group_size": w.scheme.group_size, "symmetric": w.scheme.symmetric}
     if getattr(w, "layout", "dense") != "dense":
         spec["layout"] = w.layout
@@ -184,8 +217,15 @@ def _packed_format(w: nn.Module) -> dict[str, Any]:
 
 def _build_module(spec: dict[str, Any]) -> nn.Module:
     """An empty module of the layout entry's kind and shapes (on the current device), for load_state_dict."""
+    import torch
+
     from edgelm.compress.lowrank import LoRCEmbedding, LoRCLinear, LowRankLinear
-    from edgelm.compress.quant.modules import PackedWeight, QuantizedEmbedding, QuantizedLinear, RowTieredWeight
+    from edgelm.compress.quant.modules import (
+        PackedWeight,
+        QuantizedEmbedding,
+        QuantizedLinear,
+        RowTieredWeight,
+    )
     from edgelm.compress.quant.primitives import QuantScheme
 
     kind = spec["kind"]

@@ -15,13 +15,16 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
-
-import torch
+from typing import TYPE_CHECKING
 
 from edgelm.kernels.layout import CHUNK
+
+if TYPE_CHECKING:
+    import torch
 
 LEVELS = {0: "generic C", 2: "AVX-512 VNNI"}
 
@@ -62,8 +65,30 @@ def _library() -> ctypes.CDLL | None:
     lib.ek_limit_cpu_level.restype = ctypes.c_int
     if os.environ.get("EDGELM_KERNELS_GENERIC") == "1":
         lib.ek_limit_cpu_level(0)
-    lib.ek_set_threads(torch.get_num_threads())
+    lib.ek_rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float]
+    lib.ek_rms_norm.restype = None
+    lib.ek_set_threads(default_threads())
     return lib
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (all cores unless restricted by affinity or a container)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """PyTorch's thread count when it is loaded (the kernels share its cores), else the usable CPUs."""
+    if "torch" in sys.modules:
+        return sys.modules["torch"].get_num_threads()
+    return usable_cpus()
+
+
+def matrix_struct(rows: int, cols: int, bits: int, group: int, planes: int, scales: int, zeros: int,
+                  float_zeros: bool) -> _Matrix:
+    """The C view of a weight in the plane layout: codes, fp16 scales and uint8 (or fp16) zero points given
+    by address; whoever builds it keeps the buffers alive."""
+    return _Matrix(rows, cols, bits, group, planes, scales, None if float_zeros else zeros,
+                   zeros if float_zeros else None)
 
 
 def available() -> bool:
@@ -90,6 +115,8 @@ def generic_path() -> Iterator[None]:
 def batched_dtype() -> torch.dtype:
     """The dtype batched (prefill) matmuls dequantize to: bfloat16 where the CPU multiplies it natively
     (AVX-512 BF16 / AMX: several times float32's rate), else float32."""
+    import torch
+
     lib = _library()
     return torch.bfloat16 if lib is not None and lib.ek_cpu_has_bf16() else torch.float32
 
@@ -105,20 +132,22 @@ def threads() -> int:
     return 1 if lib is None else lib.ek_get_threads()
 
 
-def supports(scheme, in_features: int, zero_dtype: torch.dtype = torch.uint8) -> bool:
-    """Whether a packed weight of this format can run on the kernels."""
-    group = scheme.group_size or in_features
+def supports(bits: int, group_size: int | None, in_features: int, zero_dtype: str = "uint8") -> bool:
+    """Whether a packed weight of this format (zero points "uint8" or "float16") can run on the kernels."""
+    group = group_size or in_features
     # Symmetric grids keep their fixed zero point in the zeros buffer, so they run as they are; fp16 zero
     # points (ggml Q4_K's mins) take a float zero-point term; groups of 16 (ggml Q6_K) need integer ones.
-    grouping = group % 32 == 0 or (group == 16 and zero_dtype == torch.uint8)
+    grouping = group % 32 == 0 or (group == 16 and zero_dtype == "uint8")
     return (available() and in_features % CHUNK == 0 and grouping and in_features % group == 0
-            and 1 <= scheme.bits <= 8 and zero_dtype in (torch.uint8, torch.float16))
+            and 1 <= bits <= 8 and zero_dtype in ("uint8", "float16"))
 
 
 class QuantizedActivations:
     """x [T, cols] float32 quantized to int8 in blocks of 32, ready for any matrix with `cols` columns."""
 
     def __init__(self, x: torch.Tensor):
+        import torch
+
         lib = _library()
         x = x.detach().to(torch.float32).contiguous()
         self.n_tokens, self.cols = x.shape
@@ -133,17 +162,19 @@ class KernelMatrix:
 
     def __init__(self, planes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group: int,
                  cols: int):
+        import torch
+
         self.planes, self.scales, self.zeros = planes.contiguous(), scales.contiguous(), zeros.contiguous()
         self.rows, self.cols, self.bits, self.group = planes.shape[0], cols, bits, group
-        integer = self.zeros.dtype == torch.uint8
-        self._struct = _Matrix(self.rows, cols, bits, group, self.planes.data_ptr(), self.scales.data_ptr(),
-                               self.zeros.data_ptr() if integer else None,
-                               None if integer else self.zeros.data_ptr())
+        self._struct = matrix_struct(self.rows, cols, bits, group, self.planes.data_ptr(), self.scales.data_ptr(),
+                                     self.zeros.data_ptr(), float_zeros=self.zeros.dtype != torch.uint8)
 
     @classmethod
     def from_packed(cls, weight) -> KernelMatrix:
         """From a PackedWeight (edgelm.compress.quant.modules), sharing its buffers; check `supports` first.
         A weight still in the dense packing is re-stored in the plane layout, in place."""
+        import torch
+
         if not weight.to_plane_layout():
             raise ValueError(f"{weight.in_features} columns are not a multiple of {CHUNK}: no plane layout")
         scheme, cols = weight.scheme, weight.in_features
@@ -155,13 +186,15 @@ class KernelMatrix:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.planes, self.scales, self.zeros))
 
-    def dequantize(self, first: int = 0, n: int | None = None, dtype: torch.dtype = torch.float32,
+    def dequantize(self, first: int = 0, n: int | None = None, dtype: torch.dtype | None = None,
                    out: torch.Tensor | None = None, parallel: bool = True) -> torch.Tensor:
         """Rows [first, first + n) as a dense float32 or bfloat16 [n, cols] matrix, on the kernels' threads or
         (parallel=False) on the calling thread only."""
+        import torch
+
         n = self.rows - first if n is None else n
         if out is None:
-            out = torch.empty(n, self.cols, dtype=dtype)
+            out = torch.empty(n, self.cols, dtype=dtype or torch.float32)
         if out.dtype not in (torch.float32, torch.bfloat16) or out.stride(1) != 1 or out.shape != (n, self.cols):
             raise ValueError(f"dequantize writes a row-major float32/bfloat16 [{n}, {self.cols}] tensor")
         status = _library().ek_dequantize(ctypes.byref(self._struct), first, n, out.data_ptr(), out.stride(0),
@@ -177,6 +210,8 @@ class KernelMatrix:
         if qa.cols != self.cols:
             raise ValueError(f"activations have {qa.cols} columns, the matrix {self.cols}")
         if out is None:
+            import torch
+
             out = torch.empty(qa.n_tokens, self.rows)
         status = _library().ek_matvec(ctypes.byref(self._struct), qa.n_tokens, qa.xq.data_ptr(), qa.dx.data_ptr(),
                                       qa.bsum.data_ptr(), out.data_ptr(), out.stride(0),
@@ -197,6 +232,8 @@ class KernelParts:
     def __init__(self, matrices: list[KernelMatrix], out_indices: list[torch.Tensor]):
         if not 1 <= len(matrices) <= MAX_PARTS or len({m.cols for m in matrices}) != 1:
             raise ValueError(f"1..{MAX_PARTS} matrices with the same number of columns")
+        import torch
+
         self.matrices, self.cols = matrices, matrices[0].cols
         self.out_indices = [index.to(torch.int32).contiguous() for index in out_indices]
         self.width = sum(m.rows for m in matrices)
@@ -209,6 +246,8 @@ class KernelParts:
         if qa.cols != self.cols:
             raise ValueError(f"activations have {qa.cols} columns, the matrices {self.cols}")
         if out is None:
+            import torch
+
             out = torch.empty(qa.n_tokens, self.width)
         status = _library().ek_matvec_parts(self._structs, self._indices, len(self.matrices), qa.n_tokens,
                                             qa.xq.data_ptr(), qa.dx.data_ptr(), qa.bsum.data_ptr(), out.data_ptr(),

@@ -14,7 +14,10 @@ and masks per 64 codes in SIMD registers. See csrc/kernels.c.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # edgelm.kernels imports CHUNK without PyTorch
+    import torch
 
 CHUNK = 64
 
@@ -31,6 +34,8 @@ ROW_BLOCK = 8192  # rows converted at a time: bounds the temporaries for a 262k-
 
 def to_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes [rows, cols] (cols a multiple of 64) -> plane layout [rows, cols * bits / 8]."""
+    import torch
+
     rows, cols = codes.shape
     if cols % CHUNK:
         raise ValueError(f"{cols} columns are not a multiple of {CHUNK}")
@@ -43,6 +48,8 @@ def to_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _to_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    import torch
+
     rows, cols = codes.shape
     chunks = codes.to(torch.int32).reshape(rows, cols // CHUNK, CHUNK)
     parts, shift = [], 0
@@ -62,6 +69,8 @@ def _to_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def from_planes(data: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     """Inverse of to_planes (for tests and the generic path's reference)."""
+    import torch
+
     rows = data.shape[0]
     if bits == 8:
         return data[:, :cols].clone()

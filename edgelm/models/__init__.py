@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
-
-import torch
+from typing import TYPE_CHECKING
 
 from edgelm.errors import ModelFormatError, UnsupportedArchitecture
 from edgelm.io.gguf import GGUFFile
-from edgelm.models.base import ModelArgs, Transformer
+from edgelm.models.args import ModelArgs
+
+if TYPE_CHECKING:  # the package itself stays importable without PyTorch (edgelm.models.args)
+    import torch
+
+    from edgelm.models.base import Transformer
 
 # GGUF general.architecture -> module implementing it (args_from_metadata, build, tensor_names).
 ARCHITECTURES: dict[str, str] = {
@@ -35,12 +39,15 @@ def model_args(gguf: GGUFFile) -> ModelArgs:
     return args
 
 
-def load_gguf_model(gguf: GGUFFile, dtype: torch.dtype = torch.float32, keep_quantized: bool = False) -> Transformer:
+def load_gguf_model(gguf: GGUFFile, dtype: torch.dtype | None = None, keep_quantized: bool = False) -> Transformer:
     """Build the model on the meta device and assign dequantized GGUF tensors to it.
 
     keep_quantized: matrices stored in a quantized ggml type that edgelm's packed format can hold
     (Q8_0, Q4_0/1, Q5_0/1, Q4_K, Q6_K) become quantized layers on the file's own grids instead of float
     copies (4-8x less memory; decoding runs on the compiled kernels); everything else is dequantized."""
+    import torch
+
+    dtype = dtype or torch.float32
     module = architecture_module(gguf.architecture, str(gguf.path))
     args = model_args(gguf)
     with torch.device("meta"):
@@ -64,6 +71,7 @@ def load_gguf_model(gguf: GGUFFile, dtype: torch.dtype = torch.float32, keep_qua
 
 def _keep_quantized(model: Transformer, gguf: GGUFFile, names: dict[str, str]) -> set[str]:
     """Swap a quantized layer on the file's grid in for every matrix that has one; their parameter names."""
+    import torch
     from torch import nn
 
     from edgelm.compress.quant.modules import QuantizedEmbedding, QuantizedLinear

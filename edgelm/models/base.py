@@ -8,7 +8,6 @@ plain `nn.Linear` modules, so compression can swap in quantized layers module by
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -16,45 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgelm.errors import GenerationError, ModelFormatError
-
-
-@dataclass
-class ModelArgs:
-    """Hyper-parameters of a decoder-only transformer, as far as the shared pieces need them."""
-
-    arch: str
-    vocab_size: int
-    dim: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    hidden_dim: int  # feed-forward width
-    norm_eps: float = 1e-6
-    rope_base: float = 10000.0
-    rope_neox: bool = True  # rotate halves (NeoX/Qwen/Gemma) rather than interleaved pairs (GGUF llama)
-    max_context: int = 4096
-    tie_embeddings: bool = False
-    # Sliding-window attention: layer i is local when sliding_window is set and is_local(i).
-    sliding_window: int | None = None
-    sliding_window_pattern: int | None = None  # every Nth layer is global (gemma3: 6)
-    rope_base_local: float | None = None  # rope base of local layers, when it differs
-    # Explicit per-layer sliding-window flags, once structured pruning removed layers from the pattern.
-    local_layers: list[bool] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def is_local(self, layer: int) -> bool:
-        if self.sliding_window is None:
-            return False
-        if self.local_layers is not None:
-            return self.local_layers[layer]
-        if not self.sliding_window_pattern:
-            return True
-        # llama.cpp's rule: in each group of `pattern` layers the last one is global.
-        return layer % self.sliding_window_pattern < self.sliding_window_pattern - 1
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+from edgelm.models.args import ModelArgs
 
 
 def common_tensor_names(args: ModelArgs) -> dict[str, str]:

@@ -3,11 +3,11 @@ GeGLU, embeddings scaled by sqrt(dim), tied output, rope base 10k on local and 1
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from torch import nn
 
+from edgelm.models.args import ACTIVATIONS, attention_scale, embed_scale
 from edgelm.models.base import (ArchMetadata, Attention, FeedForward, ModelArgs, RMSNorm, Transformer,
                                 common_tensor_names)
 
@@ -33,9 +33,8 @@ def args_from_metadata(metadata: dict[str, Any], source: str) -> ModelArgs:
 class Block(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        # Gemma 3 scales queries by 1/sqrt(head_dim) (query_pre_attn_scalar = head_dim for these sizes).
-        self.attn = Attention(args, qk_norm=True, scale=1.0 / math.sqrt(args.head_dim))
-        self.ffn = FeedForward(args.dim, args.hidden_dim, "gelu_tanh")
+        self.attn = Attention(args, qk_norm=True, scale=attention_scale(args))
+        self.ffn = FeedForward(args.dim, args.hidden_dim, ACTIVATIONS[args.arch])
         self.attn_norm = RMSNorm(args.dim, args.norm_eps)
         self.post_attn_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
@@ -47,7 +46,7 @@ class Block(nn.Module):
 
 
 def build(args: ModelArgs) -> Transformer:
-    return Transformer(args, [Block(args) for _ in range(args.n_layers)], embed_scale=math.sqrt(args.dim),
+    return Transformer(args, [Block(args) for _ in range(args.n_layers)], embed_scale=embed_scale(args),
                        final_softcap=args.extra.get("final_logit_softcapping"))
 
 

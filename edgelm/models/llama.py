@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from edgelm.models.args import ACTIVATIONS, attention_scale, embed_scale
 from edgelm.models.base import (ArchMetadata, Attention, FeedForward, ModelArgs, RMSNorm, Transformer,
                                 common_tensor_names)
 
@@ -26,8 +27,8 @@ def args_from_metadata(metadata: dict[str, Any], source: str) -> ModelArgs:
 class Block(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.attn = Attention(args, qkv_bias=args.extra.get("qkv_bias", False))
-        self.ffn = FeedForward(args.dim, args.hidden_dim, "silu")
+        self.attn = Attention(args, qkv_bias=args.extra.get("qkv_bias", False), scale=attention_scale(args))
+        self.ffn = FeedForward(args.dim, args.hidden_dim, ACTIVATIONS[args.arch])
         self.attn_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
@@ -37,7 +38,7 @@ class Block(nn.Module):
 
 
 def build(args: ModelArgs) -> Transformer:
-    return Transformer(args, [Block(args) for _ in range(args.n_layers)])
+    return Transformer(args, [Block(args) for _ in range(args.n_layers)], embed_scale=embed_scale(args))
 
 
 def tensor_names(args: ModelArgs) -> dict[str, str]:

@@ -170,7 +170,8 @@ class PackedWeight(nn.Module):
     def kernel(self) -> kernels.KernelMatrix | None:
         """This weight in the kernels' layout (built on first use), or None when the kernels cannot run it."""
         if getattr(self, "_kernel", None) is None:
-            if not kernels.supports(self.scheme, self.in_features, self.zeros.dtype):
+            if not kernels.supports(self.scheme.bits, self.scheme.group_size, self.in_features,
+                                    str(self.zeros.dtype).removeprefix("torch.")):
                 return None
             self._kernel = kernels.KernelMatrix.from_packed(self)
         return self._kernel

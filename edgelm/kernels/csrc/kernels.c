@@ -451,7 +451,38 @@ EK_AVX512 static inline __m512 quad_dx(const float *dx, int64_t n_blocks, int64_
  * vpdpbusd leave in lane 4q + j the integer sum over codes 64j + 16q .. + 15: exactly quad_sums' result,
  * without its shuffles per token. The float work that follows is the single-token path's, operation for
  * operation, so a batch matches single tokens bit for bit. */
-#define EK_TILE_ROWS 4 /* the loop below is written out for 4 */
+#define EK_TILE_ROWS 4   /* rows decoded once per tile */
+#define EK_TILE_TOKENS 4 /* tokens whose 4 x 4 accumulators are reduced together */
+
+/* The sums of the lanes of 16 vectors at once, each summed in exactly the order _mm512_reduce_add_ps uses
+ * (halves, then quarters, then pairs, then the last two), so a tile's results match single tokens bit for
+ * bit; lane 4 L + j of the result is the sum of a[4 j + L]. */
+EK_AVX512 static inline __m512 reduce16(const __m512 *a) {
+    __m512 b[8], c[4], d[2];
+    for (int m = 0; m < 8; m++) /* lanes: a[2m]'s v[i] + v[i + 8] (i < 8), then a[2m + 1]'s */
+        b[m] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * m], a[2 * m + 1], _MM_SHUFFLE(3, 2, 3, 2)),
+                             _mm512_shuffle_f32x4(a[2 * m], a[2 * m + 1], _MM_SHUFFLE(1, 0, 1, 0)));
+    for (int m = 0; m < 4; m++) /* 128-bit lane L: a[4m + L]'s s[i + 4] + s[i] (i < 4) */
+        c[m] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * m], b[2 * m + 1], _MM_SHUFFLE(3, 1, 3, 1)),
+                             _mm512_shuffle_f32x4(b[2 * m], b[2 * m + 1], _MM_SHUFFLE(2, 0, 2, 0)));
+    for (int m = 0; m < 2; m++) /* lane L: a[8m + L]'s s[0] + s[2], s[1] + s[3], then a[8m + 4 + L]'s */
+        d[m] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(c[2 * m]), _mm512_castps_pd(c[2 * m + 1])));
+    for (int m = 0; m < 2; m++)
+        d[m] = _mm512_add_ps(d[m], _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(c[2 * m]),
+                                                                       _mm512_castps_pd(c[2 * m + 1]))));
+    return _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* The lanes zero_term_scaled sums (sz_g * gsum_g over the row's groups, 16 at a time). */
+EK_AVX512 static inline __m512 zero_acc(const float *sz, const float *gsum, int64_t n_groups) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t g = 0; g < n_groups; g += 16) {
+        const __mmask16 k = first_lanes(n_groups - g);
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(sz + g), _mm512_maskz_loadu_ps(k, gsum + g), acc);
+    }
+    return acc;
+}
 
 EK_AVX512 static inline void transpose_quad(__m512i *out, __m512i c0, __m512i c1, __m512i c2, __m512i c3) {
     const __m512i t0 = _mm512_unpacklo_epi32(c0, c1), t1 = _mm512_unpackhi_epi32(c0, c1);
@@ -535,27 +566,41 @@ EK_AVX512 static inline __m512 tile_quad(const __m512i *c, __m512i x0, __m512i x
                     scaled_zeros(sc, m->zeros ? m->zeros + r * n_groups : NULL,                              \
                                  m->zeros_f16 ? m->zeros_f16 + r * n_groups : NULL, n_groups, sz[i]);        \
             }                                                                                                \
-            for (int64_t t = 0; t < T; t++) {                                                                \
-                const int8_t *xt = job->xt + t * n_quads * 256;                                              \
-                const float *dxt = job->base.dx + t * n_blocks;                                              \
-                __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                  \
+            for (int64_t t0 = 0; t0 < T; t0 += EK_TILE_TOKENS) {                                             \
+                const int nt = T - t0 < EK_TILE_TOKENS ? (int)(T - t0) : EK_TILE_TOKENS;                     \
+                __m512 acc[EK_TILE_TOKENS * EK_TILE_ROWS]; /* acc[4 t + i]: row i, token t0 + t */          \
+                _Pragma("GCC unroll 16") /* unrolled whole: the 16 accumulators stay in registers */         \
+                for (int a = 0; a < EK_TILE_TOKENS * EK_TILE_ROWS; a++) acc[a] = _mm512_setzero_ps();        \
                 for (int64_t k = 0; k < n_quads; k++) {                                                      \
-                    const __m512i x0 = _mm512_loadu_si512((const void *)(xt + k * 256));                     \
-                    const __m512i x1 = _mm512_loadu_si512((const void *)(xt + k * 256 + 64));                \
-                    const __m512i x2 = _mm512_loadu_si512((const void *)(xt + k * 256 + 128));               \
-                    const __m512i x3 = _mm512_loadu_si512((const void *)(xt + k * 256 + 192));               \
-                    const __m512 d = quad_dx(dxt, n_blocks, 4 * k);                                          \
-                    a0 = tile_quad(&codes[0][4 * k], x0, x1, x2, x3, d, scales[0][k], a0);                   \
-                    a1 = tile_quad(&codes[1][4 * k], x0, x1, x2, x3, d, scales[1][k], a1);                   \
-                    a2 = tile_quad(&codes[2][4 * k], x0, x1, x2, x3, d, scales[2][k], a2);                   \
-                    a3 = tile_quad(&codes[3][4 * k], x0, x1, x2, x3, d, scales[3][k], a3);                   \
+                    _Pragma("GCC unroll 4")                                                                  \
+                    for (int t = 0; t < EK_TILE_TOKENS; t++) { /* a short tile repeats its first token */    \
+                        const int64_t tt = t0 + (t < nt ? t : 0);                                            \
+                        const int8_t *xt = job->xt + (tt * n_quads + k) * 256;                               \
+                        const __m512i x0 = _mm512_loadu_si512((const void *)xt);                             \
+                        const __m512i x1 = _mm512_loadu_si512((const void *)(xt + 64));                      \
+                        const __m512i x2 = _mm512_loadu_si512((const void *)(xt + 128));                     \
+                        const __m512i x3 = _mm512_loadu_si512((const void *)(xt + 192));                     \
+                        const __m512 d = quad_dx(job->base.dx + tt * n_blocks, n_blocks, 4 * k);             \
+                        _Pragma("GCC unroll 4")                                                              \
+                        for (int i = 0; i < EK_TILE_ROWS; i++)                                               \
+                            acc[4 * t + i] = tile_quad(&codes[i][4 * k], x0, x1, x2, x3, d, scales[i][k],   \
+                                                       acc[4 * t + i]);                                      \
+                    }                                                                                        \
                 }                                                                                            \
-                const __m512 acc[EK_TILE_ROWS] = {a0, a1, a2, a3};                                           \
+                __m512 y = reduce16(acc); /* lane 4 i + t: row i, token t0 + t */                           \
+                if (has_zeros) {                                                                             \
+                    __m512 zacc[EK_TILE_TOKENS * EK_TILE_ROWS];                                              \
+                    for (int t = 0; t < EK_TILE_TOKENS; t++) {                                               \
+                        const float *gs = job->gsum + (t0 + (t < nt ? t : 0)) * n_groups;                    \
+                        for (int i = 0; i < EK_TILE_ROWS; i++) zacc[4 * t + i] = zero_acc(sz[i], gs, n_groups); \
+                    }                                                                                        \
+                    y = _mm512_sub_ps(y, reduce16(zacc));                                                    \
+                }                                                                                            \
+                float out[16];                                                                               \
+                _mm512_storeu_ps(out, y);                                                                    \
                 for (int i = 0; i < nr; i++) {                                                               \
-                    const int64_t r = r0 + i;                                                                \
-                    const float y = _mm512_reduce_add_ps(acc[i]) -                                           \
-                                    (has_zeros ? zero_term_scaled(sz[i], job->gsum + t * n_groups, n_groups) : 0.f); \
-                    job->base.y[t * stride + (job->base.out_index ? job->base.out_index[r] : r)] = y;        \
+                    const int64_t r = r0 + i, col = job->base.out_index ? job->base.out_index[r] : r;        \
+                    for (int t = 0; t < nt; t++) job->base.y[(t0 + t) * stride + col] = out[4 * i + t];      \
                 }                                                                                            \
             }                                                                                                \
         }                                                                                                    \
@@ -1054,6 +1099,11 @@ EK_CLONES static void rms_norm(float *out, const float *x, const float *w, int64
     for (int64_t i = 0; i < n; i++) out[i] = x[i] * inv * w[i];
 }
 
+/* The final norm of the compiled step's callers: the same arithmetic as the blocks' norms. */
+EK_EXPORT void ek_rms_norm(const float *x, float *out, const float *w, int64_t n_rows, int64_t dim, float eps) {
+    for (int64_t r = 0; r < n_rows; r++) rms_norm(out + r * dim, x + r * dim, w, dim, eps);
+}
+
 static void rope(float *v, const float *cos_row, const float *sin_row, int64_t head_dim, int neox) {
     const int64_t half = head_dim / 2;
     for (int64_t i = 0; i < half; i++) {
@@ -1105,9 +1155,12 @@ static void add_residual(float *x, float *o, const float *post_norm, int64_t n_t
 
 /* Attention splits each token's visible positions in EK_ATTN_SPLITS ranges (so that even one token keeps
  * every core busy), and one work item takes all the query heads that share a KV head (so the cache, the
- * largest read of a long-context step, is read once per token, not once per query head). The partial softmax
- * of each range is merged afterwards; the ranges depend only on the token's position, never on the batch. */
+ * largest read of a long-context step, is read once per token, not once per query head) for a block of up to
+ * EK_ATTN_TOKENS consecutive tokens (a prefill chunk reads and converts each cached row once per block, not
+ * once per token). The partial softmax of each range is merged afterwards; the ranges depend only on the
+ * token's position and every token's sums run over its own range in order, never on the batch. */
 #define EK_ATTN_SPLITS 2
+#define EK_ATTN_TOKENS 16
 
 typedef struct {
     const ek_block_args *a;
@@ -1116,68 +1169,139 @@ typedef struct {
     float *part_o;     /* [T][n_heads][SPLITS][head_dim] unnormalized outputs of each range */
     float *part_ml;    /* [T][n_heads][SPLITS][2] running max and sum of exponentials of each range */
     int64_t pos;       /* position of token 0 */
+    int64_t n_tokens;
 } attention_job;
+
+/* Token pos's range `split` of the positions it sees: [*lo, *hi). */
+static void attention_range(const attention_job *job, int64_t pos, int64_t split, int64_t *lo, int64_t *hi) {
+    const int64_t window = job->L->window;
+    const int64_t first = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;
+    const int64_t n_all = pos - first + 1, size = (n_all + EK_ATTN_SPLITS - 1) / EK_ATTN_SPLITS;
+    *lo = first + split * size;
+    *hi = *lo + size < pos + 1 ? *lo + size : pos + 1;
+    if (*hi < *lo) *hi = *lo;
+}
+
+/* Rows [first, first + n) of a cache into tile [n][hd] as float32 (float16 or quantized rows converted). */
+static void cache_rows(const float *cache, const ek_kv_quant *quant, int64_t first, int64_t n, float *tile,
+                       int64_t hd) {
+    if (cache) memcpy(tile, cache + first * hd, sizeof(float) * (size_t)(n * hd));
+    else for (int64_t j = 0; j < n; j++) kv_load(quant, first + j, tile + j * hd, hd);
+}
+
+/* o[hd] += sum_j p[j] * rows[j][hd], j in order (each element gets one multiply-add per j, so splitting the
+ * rows over several calls changes nothing); on AVX-512 64 outputs at a time stay in registers across j. */
+#ifdef EK_X86
+EK_AVX512 static void accumulate_rows_avx512(float *o, const float *p, const float *rows, int64_t n, int64_t hd) {
+    for (int64_t c = 0; c < hd; c += 64) {
+        __m512 a0 = _mm512_loadu_ps(o + c), a1 = _mm512_loadu_ps(o + c + 16);
+        __m512 a2 = _mm512_loadu_ps(o + c + 32), a3 = _mm512_loadu_ps(o + c + 48);
+        for (int64_t j = 0; j < n; j++) {
+            const __m512 pj = _mm512_set1_ps(p[j]);
+            const float *v = rows + j * hd + c;
+            a0 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v), a0);
+            a1 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 16), a1);
+            a2 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 32), a2);
+            a3 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 48), a3);
+        }
+        _mm512_storeu_ps(o + c, a0);
+        _mm512_storeu_ps(o + c + 16, a1);
+        _mm512_storeu_ps(o + c + 32, a2);
+        _mm512_storeu_ps(o + c + 48, a3);
+    }
+}
+#endif
+
+static void accumulate_rows(float *o, const float *p, const float *rows, int64_t n, int64_t hd) {
+#ifdef EK_X86
+    if (ek_cpu_level() >= EK_AVX512_VNNI && hd % 64 == 0) {
+        accumulate_rows_avx512(o, p, rows, n, hd);
+        return;
+    }
+#endif
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t i = 0; i < hd; i++) o[i] += p[j] * rows[j * hd + i];
+}
+
+#define EK_ATTN_ROWS 32 /* cached rows converted at a time: a 32 x 256 float tile stays in L1 */
 
 EK_CLONES static void attention_ranges(void *ctx, int64_t begin, int64_t end) {
     const attention_job *job = ctx;
     const ek_block_args *a = job->a;
+    const ek_layer *L = job->L;
     const int64_t hd = a->head_dim, group = a->n_heads / a->n_kv_heads, q_dim = (int64_t)a->n_heads * hd;
-    const int64_t per_token = (int64_t)a->n_kv_heads * EK_ATTN_SPLITS;
-    float *scores = NULL, *row = malloc(sizeof(float) * (size_t)hd); /* a dequantized cache row */
+    const int64_t per_block = (int64_t)a->n_kv_heads * EK_ATTN_SPLITS;
+    const int64_t n_blocks = (job->n_tokens + EK_ATTN_TOKENS - 1) / EK_ATTN_TOKENS;
+    float *scores = NULL, *tile = malloc(sizeof(float) * (size_t)(EK_ATTN_ROWS * hd));
     int64_t capacity = 0;
-    if (!row) return;
+    if (!tile) return;
     for (int64_t item = begin; item < end; item++) {
-        const int64_t t = item / per_token, kvh = (item % per_token) / EK_ATTN_SPLITS, split = item % EK_ATTN_SPLITS;
-        const int64_t pos = job->pos + t;
-        const int64_t first = job->L->window > 0 && pos - job->L->window + 1 > 0 ? pos - job->L->window + 1 : 0;
-        const int64_t n_all = pos - first + 1, size = (n_all + EK_ATTN_SPLITS - 1) / EK_ATTN_SPLITS;
-        const int64_t lo = first + split * size, hi = lo + size < pos + 1 ? lo + size : pos + 1;
-        const int64_t n = hi > lo ? hi - lo : 0;
-        if (n * group > capacity) {
+        /* the last tokens (the most positions to attend) first: the threads finish together */
+        const int64_t t0 = (n_blocks - 1 - item / per_block) * EK_ATTN_TOKENS;
+        const int64_t kvh = (item % per_block) / EK_ATTN_SPLITS, split = item % EK_ATTN_SPLITS;
+        const int64_t nt = job->n_tokens - t0 < EK_ATTN_TOKENS ? job->n_tokens - t0 : EK_ATTN_TOKENS;
+        int64_t lo[EK_ATTN_TOKENS], hi[EK_ATTN_TOKENS], first = INT64_MAX, last = 0, width = 0;
+        for (int64_t b = 0; b < nt; b++) {
+            attention_range(job, job->pos + t0 + b, split, &lo[b], &hi[b]);
+            if (hi[b] > lo[b]) {
+                first = lo[b] < first ? lo[b] : first;
+                last = hi[b] > last ? hi[b] : last;
+            }
+            width = hi[b] - lo[b] > width ? hi[b] - lo[b] : width;
+        }
+        if (nt * group * width > capacity) {
             free(scores);
-            capacity = n * group;
+            capacity = nt * group * width;
             if (!(scores = malloc(sizeof(float) * (size_t)capacity))) break;
         }
-        const ek_layer *L = job->L;
         const int64_t base = kvh * (int64_t)a->max_len; /* cache row of position 0 for this KV head */
-        const float *q = job->q + t * q_dim + kvh * group * hd;
-        for (int64_t j = 0; j < n; j++) { /* each cached key read once for the group's heads */
-            const float *key = L->k_cache + (base + lo + j) * hd;
-            if (!L->k_cache) {
-                kv_load(&L->k_quant, base + lo + j, row, hd);
-                key = row;
+        /* scores[b][g][j - lo[b]]: each cached key converted once for the block's tokens and the group's heads */
+        for (int64_t j0 = first; j0 < last; j0 += EK_ATTN_ROWS) {
+            const int64_t j1 = j0 + EK_ATTN_ROWS < last ? j0 + EK_ATTN_ROWS : last;
+            cache_rows(L->k_cache, &L->k_quant, base + j0, j1 - j0, tile, hd);
+            for (int64_t b = 0; b < nt; b++) {
+                const int64_t from = lo[b] > j0 ? lo[b] : j0, to = hi[b] < j1 ? hi[b] : j1;
+                const float *q = job->q + (t0 + b) * q_dim + kvh * group * hd;
+                for (int64_t g = 0; g < group; g++) {
+                    float *sc = scores + (b * group + g) * width - lo[b];
+                    for (int64_t j = from; j < to; j++)
+                        sc[j] = dot_f32(q + g * hd, tile + (j - j0) * hd, hd) * a->attn_scale;
+                }
             }
-            for (int64_t g = 0; g < group; g++) scores[g * n + j] = dot_f32(q + g * hd, key, hd) * a->attn_scale;
         }
-        for (int64_t g = 0; g < group; g++) {
-            const int64_t h = kvh * group + g;
-            float *ml = job->part_ml + ((t * a->n_heads + h) * EK_ATTN_SPLITS + split) * 2;
-            float *o = job->part_o + ((t * a->n_heads + h) * EK_ATTN_SPLITS + split) * hd;
-            float best = -INFINITY, total = 0.f;
-            for (int64_t j = 0; j < n; j++) best = scores[g * n + j] > best ? scores[g * n + j] : best;
-            for (int64_t j = 0; j < n; j++) {
-                scores[g * n + j] = expf(scores[g * n + j] - best);
-                total += scores[g * n + j];
-            }
-            ml[0] = best;
-            ml[1] = total;
-            memset(o, 0, sizeof(float) * (size_t)hd);
-        }
-        for (int64_t j = 0; j < n; j++) { /* and each cached value once */
-            const float *v = L->v_cache + (base + lo + j) * hd;
-            if (!L->v_cache) {
-                kv_load(&L->v_quant, base + lo + j, row, hd);
-                v = row;
-            }
+        for (int64_t b = 0; b < nt; b++) {
+            const int64_t n = hi[b] - lo[b], t = t0 + b;
             for (int64_t g = 0; g < group; g++) {
-                float *o = job->part_o + ((t * a->n_heads + kvh * group + g) * EK_ATTN_SPLITS + split) * hd;
-                const float p = scores[g * n + j];
-                for (int64_t i = 0; i < hd; i++) o[i] += p * v[i];
+                const int64_t h = kvh * group + g;
+                float *sc = scores + (b * group + g) * width;
+                float *ml = job->part_ml + ((t * a->n_heads + h) * EK_ATTN_SPLITS + split) * 2;
+                float *o = job->part_o + ((t * a->n_heads + h) * EK_ATTN_SPLITS + split) * hd;
+                float best = -INFINITY, total = 0.f;
+                for (int64_t j = 0; j < n; j++) best = sc[j] > best ? sc[j] : best;
+                for (int64_t j = 0; j < n; j++) {
+                    sc[j] = expf(sc[j] - best);
+                    total += sc[j];
+                }
+                ml[0] = best;
+                ml[1] = total;
+                memset(o, 0, sizeof(float) * (size_t)hd);
+            }
+        }
+        for (int64_t j0 = first; j0 < last; j0 += EK_ATTN_ROWS) { /* and each cached value once */
+            const int64_t j1 = j0 + EK_ATTN_ROWS < last ? j0 + EK_ATTN_ROWS : last;
+            cache_rows(L->v_cache, &L->v_quant, base + j0, j1 - j0, tile, hd);
+            for (int64_t b = 0; b < nt; b++) {
+                const int64_t from = lo[b] > j0 ? lo[b] : j0, to = hi[b] < j1 ? hi[b] : j1, t = t0 + b;
+                for (int64_t g = 0; g < group; g++) {
+                    float *o = job->part_o + ((t * a->n_heads + kvh * group + g) * EK_ATTN_SPLITS + split) * hd;
+                    const float *sc = scores + (b * group + g) * width - lo[b];
+                    if (to > from) accumulate_rows(o, sc + from, tile + (from - j0) * hd, to - from, hd);
+                }
             }
         }
     }
     free(scores);
-    free(row);
+    free(tile);
 }
 
 /* out [T][n_heads * head_dim] = the ranges' partial softmaxes merged. */
@@ -1253,8 +1377,9 @@ EK_EXPORT int ek_decode_layers(const ek_block_args *a, const ek_layer *layers, f
                 else kv_store(&L->v_quant, cache_row, vt + head * hd, hd);
             }
         }
-        attention_job aj = {a, L, q, part_o, part_ml, pos};
-        parallel_for(T * a->n_kv_heads * EK_ATTN_SPLITS, 1, attention_ranges, &aj);
+        attention_job aj = {a, L, q, part_o, part_ml, pos, T};
+        const int64_t blocks = (T + EK_ATTN_TOKENS - 1) / EK_ATTN_TOKENS;
+        parallel_for(blocks * a->n_kv_heads * EK_ATTN_SPLITS, 1, attention_ranges, &aj);
         merge_attention(&aj, att, T);
         const ek_matrix *wo[1] = {&L->wo};
         float *o_out[1] = {o};

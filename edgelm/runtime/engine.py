@@ -1,0 +1,246 @@
+"""Generation on edgelm's kernels alone: a packed model directory, memory-mapped, run without PyTorch.
+
+PyTorch is the library's compute substrate (compression, evaluation, eager layers), but importing it costs
+about a second and ~220 MB of resident memory before a weight is read: more than all of gemma-3-270m at
+5.5 bits. A model directory whose every matrix is in the kernels' plane layout needs none of it. The blocks
+run in `ek_decode_layers`, the compiled step the PyTorch models use too (kernels/blocks.py), the embedding
+rows and the output matrix on the same kernels, and what is left (final norm, greedy choice) is numpy.
+Decoded logits are bit-identical to the PyTorch model's compiled step; a prompt is prefilled through the
+same step in chunks (int8 activations throughout, where the PyTorch model prefills with bfloat16 matmuls).
+
+    engine = KernelEngine.load("DIR", context=1024, kv_bits=16)
+    logits = engine.prefill(prompt_ids)          # numpy float32 [vocab], after the last prompt token
+    logits = engine.decode(token)                # after `token`, at the next position
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgelm import kernels
+from edgelm.errors import GenerationError, ModelFormatError
+from edgelm.kernels.blocks import NORMS, PROJECTIONS, LayerStack, rms_norm
+from edgelm.models.args import ModelArgs, embed_scale
+from edgelm.runtime import KV_BITS
+
+# Tokens per call of the step while prefilling: 128 is as fast as 256 here and needs half the scratch.
+PREFILL_CHUNK = 128
+KV_GROUP = 32  # channels per scale of an 8-/4-bit cache (runtime/kv_cache.py's default)
+
+
+def unsupported_reason(path: str | os.PathLike[str]) -> str | None:
+    """Why this model cannot run on the kernels alone (None when it can): it must be a model directory whose
+    every matrix is packed in the kernels' plane layout and format, on kernels built for this machine."""
+    from edgelm.io.artifact import is_artifact, read_config
+
+    path = Path(path)
+    if not path.is_dir() or not is_artifact(path):
+        return "not an edgelm model directory"
+    if not kernels.available():
+        return "edgelm's compiled kernels are not built on this machine"
+    config = read_config(path)
+    args = ModelArgs(**config["model_args"])
+    specs = config["quantized_modules"]
+    wanted = {f"layers.{i}.{owner}.{name}": "linear" for i in range(args.n_layers) for owner, name in PROJECTIONS}
+    wanted["tok_embeddings"] = "embedding"
+    if not args.tie_embeddings:
+        wanted["output"] = "linear"
+    for name, spec in specs.items():
+        if name not in wanted:
+            return f"{name} is a {spec['kind']} module the kernels-only runtime does not run"
+    for name, kind in wanted.items():
+        spec = specs.get(name)
+        if spec is None or spec["kind"] != kind:
+            return f"{name} is not a packed {kind}"
+        for fmt in spec.get("tiers", [spec]):
+            if fmt.get("layout") != "planes" or not kernels.supports(
+                    fmt["bits"], fmt["group_size"], spec["in_features"], fmt.get("zero_dtype", "uint8")):
+                return f"{name} is not in a kernel format of the plane layout"
+    return None
+
+
+class _Packed:
+    """One packed matrix of the directory (or the row tiers of one), as kernel structs over the file's pages."""
+
+    def __init__(self, weights: dict[str, np.ndarray], name: str, spec: dict[str, Any]):
+        self.rows, self.cols, self.keep = spec["out_features"], spec["in_features"], []
+        self.tier = weights.get(f"{name}.weight_q.tier")
+        self.nbytes = 0 if self.tier is None else self.tier.nbytes  # as stored (edgelm.io.artifact.model_size)
+        if "tiers" in spec:
+            self.parts = [self._struct(weights, f"{name}.weight_q.parts.{k}", fmt, fmt["rows"])
+                          for k, fmt in enumerate(spec["tiers"])]
+        else:
+            self.parts = [self._struct(weights, f"{name}.weight_q", spec, self.rows)]
+        if self.tier is None:
+            self.local = self.out_indices = None
+        else:  # local[r]: row r's position in its tier; out_indices[k]: the rows of tier k, ascending
+            order = np.argsort(self.tier, kind="stable")
+            counts = np.bincount(self.tier, minlength=len(self.parts))
+            self.out_indices = [a.astype(np.int32) for a in np.split(order, np.cumsum(counts)[:-1])]
+            self.local = np.empty(self.rows, dtype=np.int32)
+            for rows in self.out_indices:
+                self.local[rows] = np.arange(rows.size, dtype=np.int32)
+            n = len(self.parts)
+            self._structs = (ctypes.c_void_p * n)(*(ctypes.addressof(s) for s in self.parts))
+            self._indices = (ctypes.c_void_p * n)(*(rows.ctypes.data for rows in self.out_indices))
+        self.lib = kernels._library()
+
+    def _struct(self, weights, prefix: str, fmt: dict[str, Any], rows: int) -> kernels._Matrix:
+        planes, scales, zeros = (weights[f"{prefix}.{part}"] for part in ("packed", "scales", "zeros"))
+        if scales.dtype != np.float16 or planes.shape[0] != rows:
+            raise ModelFormatError(f"{prefix}: stored tensors do not match config.json; re-create the directory")
+        self.keep += [planes, scales, zeros]
+        self.nbytes += planes.nbytes + scales.nbytes + (0 if fmt["symmetric"] else zeros.nbytes)
+        return kernels.matrix_struct(rows, self.cols, fmt["bits"], fmt["group_size"] or self.cols,
+                                     planes.ctypes.data, scales.ctypes.data, zeros.ctypes.data,
+                                     float_zeros=zeros.dtype == np.float16)
+
+    def row_into(self, row: int, out: np.ndarray) -> None:
+        """Row `row` dequantized into out [cols] (float32), on the calling thread."""
+        part, local = (0, row) if self.tier is None else (int(self.tier[row]), int(self.local[row]))
+        status = self.lib.ek_dequantize(ctypes.byref(self.parts[part]), local, 1, out.ctypes.data, self.cols, 0, 0)
+        if status:
+            raise GenerationError(f"token id {row} is outside the vocabulary of {self.rows} tokens")
+
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        """x [T, cols] float32 -> [T, rows]: activations quantized once, every tier in one parallel job."""
+        n_tokens = x.shape[0]
+        xq = np.empty(x.shape, dtype=np.int8)
+        dx = np.empty((n_tokens, self.cols // 32), dtype=np.float32)
+        bsum = np.empty_like(dx)
+        self.lib.ek_quantize_act(x.ctypes.data, x.size, xq.ctypes.data, dx.ctypes.data, bsum.ctypes.data)
+        out = np.empty((n_tokens, self.rows), dtype=np.float32)
+        if self.tier is None:
+            status = self.lib.ek_matvec(ctypes.byref(self.parts[0]), n_tokens, xq.ctypes.data, dx.ctypes.data,
+                                        bsum.ctypes.data, out.ctypes.data, self.rows, None)
+        else:
+            status = self.lib.ek_matvec_parts(self._structs, self._indices, len(self.parts), n_tokens,
+                                              xq.ctypes.data, dx.ctypes.data, bsum.ctypes.data, out.ctypes.data,
+                                              self.rows)
+        if status:
+            raise RuntimeError(f"edgelm kernels rejected a {self.rows}x{self.cols} matrix (status {status})")
+        return out
+
+
+class KernelEngine:
+    """A packed model directory on edgelm's kernels, with its static KV cache; see the module docstring."""
+
+    def __init__(self, path: Path, context: int, kv_bits: int, threads: int | None):
+        from edgelm.io.artifact import map_weights, read_config
+
+        reason = unsupported_reason(path)
+        if reason:
+            raise ModelFormatError(f"{path}: cannot run on the kernels alone ({reason}); load it with "
+                                   "edgelm.load instead")
+        if kv_bits not in KV_BITS:
+            raise GenerationError(f"--kv-bits must be one of {', '.join(map(str, KV_BITS))}, got {kv_bits}")
+        config = read_config(path)
+        self.config, self.path = config, path
+        self.args = args = ModelArgs(**config["model_args"])
+        if context > args.max_context:
+            raise GenerationError(f"{context} tokens exceed the model's context of {args.max_context}; "
+                                  "lower the context")
+        if threads:
+            kernels.set_threads(threads)
+        weights = map_weights(path)
+        specs = config["quantized_modules"]
+        self.embedding = _Packed(weights, "tok_embeddings", specs["tok_embeddings"])
+        self.output = self.embedding if args.tie_embeddings else _Packed(weights, "output", specs["output"])
+        self.embed_scale = embed_scale(args)
+        self.softcap = args.extra.get("final_logit_softcapping")
+        self.final_norm = weights["norm.weight"]
+        dense = sum(a.nbytes for name, a in weights.items() if ".weight_q." not in name)  # norms, biases
+        self.embedding_bytes = self.embedding.nbytes
+        self.context, self.pos = context, 0
+        self.stack = LayerStack(args, context)
+        self._matrices = []  # keeps the structs' buffers alive
+        for i in range(args.n_layers):
+            prefix = f"layers.{i}."
+            matrices = {}
+            for owner, name in PROJECTIONS:
+                key = f"{prefix}{owner}.{name}"
+                packed = _Packed(weights, key, specs[key])
+                self._matrices.append(packed)
+                matrices[name] = packed.parts[0]
+            norm_names = {"q_norm": "attn.q_norm", "k_norm": "attn.k_norm"}
+            norms = {name: weights.get(f"{prefix}{norm_names.get(name, name)}.weight") for name in NORMS}
+            biases = {name: weights.get(f"{prefix}attn.{name}.bias") for name in ("wq", "wk", "wv")}
+            self.stack.set_layer(i, matrices, norms, biases)
+            self._setup_cache(i, kv_bits)
+        packed = [self.embedding, *self._matrices] + ([] if args.tie_embeddings else [self.output])
+        self.weight_bytes = dense + sum(p.nbytes for p in packed)  # weights as stored, embedding included
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, context: int = 4096, kv_bits: int = 16,
+             threads: int | None = None) -> KernelEngine:
+        """The directory's model with a KV cache of `context` positions (float32/float16, or 8-/4-bit)."""
+        return cls(Path(path), context, kv_bits, threads)
+
+    def _setup_cache(self, i: int, kv_bits: int) -> None:
+        args = self.args
+        shape = (args.n_kv_heads, self.context, args.head_dim)
+        if kv_bits in (32, 16):  # zero pages until written: memory grows with the positions used
+            dtype = np.float32 if kv_bits == 32 else np.float16
+            self.stack.set_float_cache(i, np.zeros(shape, dtype), np.zeros(shape, dtype))
+            return
+        group = min(KV_GROUP, args.head_dim)
+        n_groups = args.head_dim // group
+        k, v = ((np.zeros((*shape[:2], args.head_dim * kv_bits // 8), np.uint8),
+                 np.zeros((*shape[:2], n_groups), np.float16), np.zeros((*shape[:2], n_groups), np.uint8))
+                for _ in range(2))
+        self.stack.set_quantized_cache(i, kv_bits, group, k, v)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.args.vocab_size
+
+    def _embed(self, tokens: list[int]) -> np.ndarray:
+        x = np.empty((len(tokens), self.args.dim), dtype=np.float32)
+        for i, token in enumerate(tokens):
+            if not 0 <= token < self.args.vocab_size:
+                raise GenerationError(f"token id {token} is outside the vocabulary of {self.args.vocab_size} tokens")
+            self.embedding.row_into(token, x[i])
+        if self.embed_scale is not None:
+            x *= np.float32(self.embed_scale)
+        return x
+
+    def _logits(self, h: np.ndarray) -> np.ndarray:
+        out = self.output.matvec(rms_norm(h, self.final_norm, self.args.norm_eps))
+        if self.softcap:
+            out = np.tanh(out / self.softcap) * self.softcap
+        return out
+
+    def _check_room(self, n_tokens: int, pos: int) -> None:
+        if pos < 0 or pos + n_tokens > self.context:
+            raise GenerationError(f"positions {pos}..{pos + n_tokens - 1} do not fit the KV cache of "
+                                  f"{self.context} tokens; load the engine with a larger context")
+
+    def prefill(self, tokens: list[int], start_pos: int = 0, chunk: int = PREFILL_CHUNK) -> np.ndarray:
+        """Run the prompt through the model from `start_pos`; logits [vocab] after its last token."""
+        if not tokens:
+            raise GenerationError("the prompt is empty: give at least one token (models that add BOS do so)")
+        self._check_room(len(tokens), start_pos)
+        x = None
+        for begin in range(0, len(tokens), chunk):
+            x = self._embed(list(tokens[begin:begin + chunk]))
+            self.stack.run(x, start_pos + begin)
+        self.pos = start_pos + len(tokens)
+        return self._logits(x[-1:])[0]
+
+    def decode(self, token: int) -> np.ndarray:
+        """Logits [vocab] after `token`, which takes the next position."""
+        return self.steps([token])[0]
+
+    def steps(self, tokens: list[int]) -> np.ndarray:
+        """Logits [T, vocab] after each of T tokens from the next position; each row is bit-identical to
+        decoding the tokens one at a time."""
+        self._check_room(len(tokens), self.pos)
+        x = self._embed(tokens)
+        self.stack.run(x, self.pos)
+        self.pos += len(tokens)
+        return self._logits(x)
