@@ -65,7 +65,8 @@ def test_qat_beats_plain_rtn_and_ends_packed(tmp_path):
     plain, _ = edgelm.load(path)
     compress(plain, [RTN(bits=3, group_size=32)])
     trained, _ = edgelm.load(path)
-    compress(trained, [QAT(bits=3, group_size=32, steps=60, lr=1e-3, seq_len=48)], calibration)
+    # 120 steps: on this tiny random model 60 steps gained 0-20 % depending on the calibration sample.
+    compress(trained, [QAT(bits=3, group_size=32, steps=120, lr=2e-3, seq_len=48)], calibration)
     assert isinstance(trained.layers[0].ffn.w_up, QuantizedLinear)
     assert isinstance(trained.tok_embeddings, QuantizedEmbedding)
     assert trained.norm.weight.requires_grad  # frozen only while training

@@ -20,9 +20,10 @@ from edgelm.compress.quant.primitives import QuantScheme
 from edgelm.compress.quant.rtn import rtn_quantize_weight
 from edgelm.errors import GenerationError, ModelFormatError
 from edgelm.io.artifact import model_size, save_artifact
-from edgelm.runtime.engine import KernelEngine, unsupported_reason
-from edgelm.runtime.generate import prefill
+from edgelm.runtime.engine import KernelEngine, load_engine, unsupported_reason
+from edgelm.runtime.generate import generate_step, prefill
 from edgelm.runtime.native import native_decoder
+from edgelm.runtime.sampling import Sampler, SamplingParams
 from tests.tiny_gguf import TinyConfig, write_tiny_model
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="kernels not built (no C compiler)")
@@ -135,3 +136,41 @@ def test_bad_positions_and_tokens_are_generation_errors(tmp_path):
         engine.decode(3)
     with pytest.raises(GenerationError, match="--kv-bits"):
         KernelEngine.load(tiny_directory(tmp_path, "llama"), kv_bits=12)
+
+
+def test_generate_and_chat_run_a_directory_without_pytorch(tmp_path):
+    """`edgelm generate` on a model directory: the kernels-only runtime, sampling in numpy, no PyTorch."""
+    path = tiny_directory(tmp_path, "qwen2")
+    script = f"""
+import sys
+from edgelm.cli import main
+code = main(["generate", "-m", {str(path)!r}, "-p", "hello", "-n", "6", "--temp", "0", "-t", "1"])
+code += main(["generate", "-m", {str(path)!r}, "-p", "hello", "-n", "6", "--seed", "3"])
+print("TORCH" if "torch" in sys.modules else "NO-TORCH", code)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "NO-TORCH 0"
+
+
+def test_generation_on_the_engine_follows_its_own_greedy_steps(tmp_path):
+    path = tiny_directory(tmp_path, "gemma3", tiered=True)
+    engine, tokenizer = load_engine(path, pull=False)
+    engine.set_kv_bits(8)
+    prompt = tokenizer.encode("hello world")
+    tokens = list(generate_step(engine, prompt, Sampler(SamplingParams(temperature=0)), max_tokens=12))
+    assert engine.cache_len == 0  # caches released after generation, as for PyTorch models
+    engine.setup_caches(len(prompt) + 12)
+    expected = [int(engine.prefill(prompt).argmax())]
+    for _ in range(11):
+        expected.append(int(engine.decode(expected[-1]).argmax()))
+    assert tokens == expected
+    text = edgelm.generate(engine, tokenizer, "hello world", max_tokens=12, sampling=SamplingParams(temperature=0))
+    ids = []
+    for token in tokens:
+        if token in tokenizer.eos_ids:
+            break
+        ids.append(token)
+    assert text == tokenizer.decode(ids)
+    with pytest.raises(GenerationError, match="speculative decoding runs on PyTorch models"):
+        edgelm.generate(engine, tokenizer, "hi", draft=engine)

@@ -31,10 +31,11 @@ def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     import edgelm
+    from edgelm.runtime.engine import KernelEngine
 
     params = sampling_params(args)
-    set_threads(args.threads)
-    model, tokenizer = load_model(args, for_inference=True)
+    model, tokenizer = load_model(args, for_inference=True, kernels_only=True)
+    set_threads(args.threads, pytorch=not isinstance(model, KernelEngine))
     model.set_kv_bits(args.kv_bits)
     if tokenizer.chat_template is None:
         from edgelm.errors import TokenizerError

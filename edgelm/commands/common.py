@@ -18,12 +18,21 @@ def add_precision_argument(parser: argparse.ArgumentParser) -> None:
                         help="precision of an any-precision model directory (e.g. 3 to 8); default: as saved")
 
 
-def load_model(args: argparse.Namespace, *, for_inference: bool = False):
+def load_model(args: argparse.Namespace, *, for_inference: bool = False, kernels_only: bool = False):
     """(model, tokenizer) for args.model, at args.bits when the command offers --bits. For inference a
-    quantized GGUF keeps its own grids (compiled kernels) rather than becoming a float model."""
+    quantized GGUF keeps its own grids (compiled kernels) rather than becoming a float model; with
+    `kernels_only`, a model directory the kernels-only runtime can run comes as that runtime (no PyTorch)."""
     import edgelm
 
-    return edgelm.load(args.model, bits=getattr(args, "bits", None), keep_quantized=for_inference)
+    bits = getattr(args, "bits", None)
+    if kernels_only and bits is None:
+        from edgelm.registry import resolve
+        from edgelm.runtime.engine import load_engine, unsupported_reason
+
+        path = resolve(args.model)
+        if unsupported_reason(path) is None:
+            return load_engine(path)
+    return edgelm.load(args.model, bits=bits, keep_quantized=for_inference)
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
@@ -64,14 +73,20 @@ def sampling_params(args: argparse.Namespace):
                           repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed)
 
 
-def set_threads(threads: int | None) -> None:
-    import torch
+def set_threads(threads: int | None, *, pytorch: bool = True) -> None:
+    """--threads for edgelm's kernels and (unless the command runs without it) PyTorch."""
+    if threads is None:
+        return
+    if threads < 1:
+        from edgelm.errors import EdgelmError
 
-    if threads is not None:
-        if threads < 1:
-            from edgelm.errors import EdgelmError
+        raise EdgelmError(f"--threads must be >= 1, got {threads}")
+    from edgelm import kernels
 
-            raise EdgelmError(f"--threads must be >= 1, got {threads}")
+    kernels.set_threads(threads)
+    if pytorch:
+        import torch
+
         torch.set_num_threads(threads)
 
 

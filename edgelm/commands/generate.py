@@ -35,11 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import edgelm
+    from edgelm.runtime.engine import KernelEngine
 
     params = sampling_params(args)
-    set_threads(args.threads)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tokenizer = load_model(args, for_inference=True)
+    model, tokenizer = load_model(args, for_inference=True, kernels_only=args.draft is None)
+    set_threads(args.threads, pytorch=not isinstance(model, KernelEngine))
     model.set_kv_bits(args.kv_bits)
     draft = load_draft(args, model)
     spec = None

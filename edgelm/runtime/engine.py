@@ -11,6 +11,9 @@ same step in chunks (int8 activations throughout, where the PyTorch model prefil
     engine = KernelEngine.load("DIR", context=1024, kv_bits=16)
     logits = engine.prefill(prompt_ids)          # numpy float32 [vocab], after the last prompt token
     logits = engine.decode(token)                # after `token`, at the next position
+
+`edgelm.generate`/`stream_generate` accept an engine in place of a PyTorch model (`load_engine` gives
+the pair with its tokenizer), and `edgelm generate`/`chat` use it for such directories.
 """
 
 from __future__ import annotations
@@ -128,23 +131,19 @@ class _Packed:
 
 
 class KernelEngine:
-    """A packed model directory on edgelm's kernels, with its static KV cache; see the module docstring."""
+    """A packed model directory on edgelm's kernels; see the module docstring. Like the PyTorch models it
+    decodes within static KV caches set up per generation (`setup_caches`, `set_kv_bits`)."""
 
-    def __init__(self, path: Path, context: int, kv_bits: int, threads: int | None):
+    def __init__(self, path: Path, threads: int | None):
         from edgelm.io.artifact import map_weights, read_config
 
         reason = unsupported_reason(path)
         if reason:
             raise ModelFormatError(f"{path}: cannot run on the kernels alone ({reason}); load it with "
                                    "edgelm.load instead")
-        if kv_bits not in KV_BITS:
-            raise GenerationError(f"--kv-bits must be one of {', '.join(map(str, KV_BITS))}, got {kv_bits}")
         config = read_config(path)
         self.config, self.path = config, path
         self.args = args = ModelArgs(**config["model_args"])
-        if context > args.max_context:
-            raise GenerationError(f"{context} tokens exceed the model's context of {args.max_context}; "
-                                  "lower the context")
         if threads:
             kernels.set_threads(threads)
         weights = map_weights(path)
@@ -154,11 +153,10 @@ class KernelEngine:
         self.embed_scale = embed_scale(args)
         self.softcap = args.extra.get("final_logit_softcapping")
         self.final_norm = weights["norm.weight"]
-        dense = sum(a.nbytes for name, a in weights.items() if ".weight_q." not in name)  # norms, biases
         self.embedding_bytes = self.embedding.nbytes
-        self.context, self.pos = context, 0
-        self.stack = LayerStack(args, context)
-        self._matrices = []  # keeps the structs' buffers alive
+        self._blocks = []  # per block: (projection structs, norm weights, biases); their buffers kept below
+        self._matrices = []
+        norm_names = {"q_norm": "attn.q_norm", "k_norm": "attn.k_norm"}
         for i in range(args.n_layers):
             prefix = f"layers.{i}."
             matrices = {}
@@ -167,33 +165,63 @@ class KernelEngine:
                 packed = _Packed(weights, key, specs[key])
                 self._matrices.append(packed)
                 matrices[name] = packed.parts[0]
-            norm_names = {"q_norm": "attn.q_norm", "k_norm": "attn.k_norm"}
             norms = {name: weights.get(f"{prefix}{norm_names.get(name, name)}.weight") for name in NORMS}
             biases = {name: weights.get(f"{prefix}attn.{name}.bias") for name in ("wq", "wk", "wv")}
-            self.stack.set_layer(i, matrices, norms, biases)
-            self._setup_cache(i, kv_bits)
+            self._blocks.append((matrices, norms, biases))
+        dense = sum(a.nbytes for name, a in weights.items() if ".weight_q." not in name)  # norms, biases
         packed = [self.embedding, *self._matrices] + ([] if args.tie_embeddings else [self.output])
         self.weight_bytes = dense + sum(p.nbytes for p in packed)  # weights as stored, embedding included
+        self.kv_bits, self.stack, self.pos = 16, None, 0
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, context: int = 4096, kv_bits: int = 16,
+    def load(cls, path: str | os.PathLike[str], *, context: int | None = None, kv_bits: int = 16,
              threads: int | None = None) -> KernelEngine:
-        """The directory's model with a KV cache of `context` positions (float32/float16, or 8-/4-bit)."""
-        return cls(Path(path), context, kv_bits, threads)
+        """The directory's model; with `context`, its KV cache for that many positions is set up too
+        (float32/float16, or 8-/4-bit: `kv_bits`)."""
+        engine = cls(Path(path), threads)
+        engine.set_kv_bits(kv_bits)
+        if context is not None:
+            engine.setup_caches(context)
+        return engine
 
-    def _setup_cache(self, i: int, kv_bits: int) -> None:
-        args = self.args
-        shape = (args.n_kv_heads, self.context, args.head_dim)
-        if kv_bits in (32, 16):  # zero pages until written: memory grows with the positions used
-            dtype = np.float32 if kv_bits == 32 else np.float16
-            self.stack.set_float_cache(i, np.zeros(shape, dtype), np.zeros(shape, dtype))
+    def set_kv_bits(self, bits: int | None) -> None:
+        """The KV cache from the next setup_caches on: 32 (or None) float32, 16 float16, 8 or 4 quantized."""
+        bits = 32 if bits is None else bits
+        if bits not in KV_BITS:
+            raise GenerationError(f"--kv-bits must be one of {', '.join(map(str, KV_BITS))}, got {bits}")
+        self.kv_bits = bits
+
+    def setup_caches(self, max_len: int) -> None:
+        """Static KV caches for `max_len` positions (zero pages until written: memory grows with use)."""
+        if max_len > self.args.max_context:
+            raise GenerationError(f"{max_len} tokens exceed the model's context of {self.args.max_context}; "
+                                  "shorten the prompt or lower --max-tokens")
+        stack = LayerStack(self.args, max_len)
+        for i, block in enumerate(self._blocks):
+            stack.set_layer(i, *block)
+            self._setup_cache(stack, i)
+        self.stack, self.pos = stack, 0
+
+    def clear_caches(self) -> None:
+        self.stack, self.pos = None, 0
+
+    @property
+    def cache_len(self) -> int:
+        return 0 if self.stack is None else self.stack.max_len
+
+    def _setup_cache(self, stack: LayerStack, i: int) -> None:
+        args, bits = self.args, self.kv_bits
+        shape = (args.n_kv_heads, stack.max_len, args.head_dim)
+        if bits in (32, 16):
+            dtype = np.float32 if bits == 32 else np.float16
+            stack.set_float_cache(i, np.zeros(shape, dtype), np.zeros(shape, dtype))
             return
         group = min(KV_GROUP, args.head_dim)
         n_groups = args.head_dim // group
-        k, v = ((np.zeros((*shape[:2], args.head_dim * kv_bits // 8), np.uint8),
+        k, v = ((np.zeros((*shape[:2], args.head_dim * bits // 8), np.uint8),
                  np.zeros((*shape[:2], n_groups), np.float16), np.zeros((*shape[:2], n_groups), np.uint8))
                 for _ in range(2))
-        self.stack.set_quantized_cache(i, kv_bits, group, k, v)
+        stack.set_quantized_cache(i, bits, group, k, v)
 
     @property
     def vocab_size(self) -> int:
@@ -216,9 +244,11 @@ class KernelEngine:
         return out
 
     def _check_room(self, n_tokens: int, pos: int) -> None:
-        if pos < 0 or pos + n_tokens > self.context:
+        if self.stack is None:
+            raise GenerationError("no KV cache: call setup_caches(max_len) first (or load with context=N)")
+        if pos < 0 or pos + n_tokens > self.cache_len:
             raise GenerationError(f"positions {pos}..{pos + n_tokens - 1} do not fit the KV cache of "
-                                  f"{self.context} tokens; load the engine with a larger context")
+                                  f"{self.cache_len} tokens; set up a larger cache")
 
     def prefill(self, tokens: list[int], start_pos: int = 0, chunk: int = PREFILL_CHUNK) -> np.ndarray:
         """Run the prompt through the model from `start_pos`; logits [vocab] after its last token."""
@@ -244,3 +274,15 @@ class KernelEngine:
         self.stack.run(x, self.pos)
         self.pos += len(tokens)
         return self._logits(x)
+
+
+def load_engine(name_or_path: str | os.PathLike[str], *, pull: bool = True,
+                threads: int | None = None) -> tuple[KernelEngine, Any]:
+    """(engine, tokenizer) for a registry name or model directory, as edgelm.load gives a PyTorch model."""
+    from edgelm.io.artifact import read_tokenizer_metadata
+    from edgelm.registry import resolve
+    from edgelm.tokenizer import Tokenizer
+
+    path = resolve(str(name_or_path), pull=pull)
+    engine = KernelEngine.load(path, threads=threads)
+    return engine, Tokenizer.from_metadata(read_tokenizer_metadata(path), source=str(path))

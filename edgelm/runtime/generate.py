@@ -10,29 +10,34 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from edgelm import kernels
-from edgelm.compress.quant.modules import batched_matmul_dtype
 from edgelm.errors import GenerationError
-from edgelm.models.base import Transformer
-from edgelm.runtime.native import native_decoder
+from edgelm.runtime.engine import KernelEngine
 from edgelm.runtime.sampling import Sampler, SamplingParams
+
+if TYPE_CHECKING:  # PyTorch is imported by the functions that run PyTorch models, not by this module
+    import torch
+
+    from edgelm.models.base import Transformer
 
 PREFILL_CHUNK = 256  # bounds the scratch memory of long prompts (512 costs ~6 MB more peak RSS, no faster)
 
 
-@torch.inference_mode()
 def prefill(model: Transformer, tokens: Sequence[int], start_pos: int = 0,
             chunk: int = PREFILL_CHUNK) -> torch.Tensor:
     """Run the prompt through the model (KV caches must be set up); logits of its last position."""
+    import torch
+
+    from edgelm import kernels
+    from edgelm.compress.quant.modules import batched_matmul_dtype
+
     if not tokens:
         raise GenerationError("the prompt is empty: give at least one token (models that add BOS do so)")
     model.restore_torch_threads()  # batched matmuls want every thread again
     ids = torch.tensor(tokens, dtype=torch.long)
     logits = None
-    with batched_matmul_dtype(kernels.batched_dtype()):
+    with torch.inference_mode(), batched_matmul_dtype(kernels.batched_dtype()):
         for begin in range(0, len(tokens), chunk):
             part = ids[begin:begin + chunk]
             pos = torch.arange(start_pos + begin, start_pos + begin + len(part))
@@ -40,13 +45,17 @@ def prefill(model: Transformer, tokens: Sequence[int], start_pos: int = 0,
     return logits[0, -1]
 
 
-@torch.inference_mode()
 def decode_step(model: Transformer, token: int, pos: int) -> torch.Tensor:
     """One token in, next-token logits out (on the compiled step when the model can run there)."""
-    native = native_decoder(model)
-    if native is not None:
-        return native.step(token, pos)
-    return model(torch.tensor([[token]]), torch.tensor([pos]))[0, -1]
+    import torch
+
+    from edgelm.runtime.native import native_decoder
+
+    with torch.inference_mode():
+        native = native_decoder(model)
+        if native is not None:
+            return native.step(token, pos)
+        return model(torch.tensor([[token]]), torch.tensor([pos]))[0, -1]
 
 
 def check_lengths(prompt_tokens: int, max_tokens: int, context: int) -> None:
@@ -57,9 +66,11 @@ def check_lengths(prompt_tokens: int, max_tokens: int, context: int) -> None:
                               f"model's context of {context}; shorten the prompt or lower max_tokens")
 
 
-def generate_step(model: Transformer, prompt: Sequence[int], sampler: Sampler | None = None,
+def generate_step(model: Transformer | KernelEngine, prompt: Sequence[int], sampler: Sampler | None = None,
                   max_tokens: int = 256, stats: GenerationStats | None = None) -> Iterator[int]:
-    """Yield generated token ids, one per step, until max_tokens (the caller stops at EOS)."""
+    """Yield generated token ids, one per step, until max_tokens (the caller stops at EOS). `model` is a
+    PyTorch model or the kernels-only runtime (runtime/engine.py)."""
+    engine = isinstance(model, KernelEngine)
     check_lengths(len(prompt), max_tokens, model.args.max_context)
     sampler = sampler or Sampler()
     stats = stats if stats is not None else GenerationStats()
@@ -69,7 +80,7 @@ def generate_step(model: Transformer, prompt: Sequence[int], sampler: Sampler | 
     model.setup_caches(total)
     try:
         start = time.perf_counter()
-        logits = prefill(model, prompt)
+        logits = model.prefill(prompt) if engine else prefill(model, prompt)
         stats.prompt_tokens = len(prompt)
         stats.prompt_seconds = time.perf_counter() - start
         pos = len(prompt)
@@ -81,7 +92,7 @@ def generate_step(model: Transformer, prompt: Sequence[int], sampler: Sampler | 
             yield token
             if i + 1 == max_tokens:
                 break
-            logits = decode_step(model, token, pos)
+            logits = model.decode(token) if engine else decode_step(model, token, pos)
             pos += 1
         stats.generation_seconds = time.perf_counter() - start - stats.prompt_seconds
     finally:
@@ -116,7 +127,8 @@ class GenerationResponse:
     stats: GenerationStats
 
 
-def stream_generate(model: Transformer, tokenizer, prompt: str | Sequence[int], *, max_tokens: int = 256,
+def stream_generate(model: Transformer | KernelEngine, tokenizer, prompt: str | Sequence[int], *,
+                    max_tokens: int = 256,
                     sampling: SamplingParams | None = None, stop: Sequence[str] = (),
                     add_bos: bool | None = None, draft: Transformer | None = None, num_draft: int = 4,
                     spec_stats=None) -> Iterator[GenerationResponse]:
@@ -129,6 +141,9 @@ def stream_generate(model: Transformer, tokenizer, prompt: str | Sequence[int], 
     if draft is not None:
         from edgelm.runtime.speculative import speculative_generate_step
 
+        if isinstance(model, KernelEngine) or isinstance(draft, KernelEngine):
+            raise GenerationError("speculative decoding runs on PyTorch models: load target and draft with "
+                                  "edgelm.load")
         steps = speculative_generate_step(model, draft, ids, Sampler(sampling), max_tokens, num_draft, stats,
                                           spec_stats)
     else:
@@ -172,6 +187,6 @@ def _split_at_stop(text: str, stops: Sequence[str], final: bool = False) -> tupl
     return text[:len(text) - hold], text[len(text) - hold:], False
 
 
-def generate(model: Transformer, tokenizer, prompt: str | Sequence[int], **kwargs) -> str:
+def generate(model: Transformer | KernelEngine, tokenizer, prompt: str | Sequence[int], **kwargs) -> str:
     """The whole completion as a string (see stream_generate for the arguments)."""
     return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))

@@ -1,6 +1,7 @@
 """Token sampling: the llama.cpp chain penalties -> top-k -> top-p -> min-p -> temperature -> draw.
 
-Temperature 0 is greedy decoding (argmax), which is deterministic.
+Temperature 0 is greedy decoding (argmax), which is deterministic. Written with numpy, so that the
+kernels-only runtime samples without PyTorch; PyTorch logits (CPU tensors) are read in place.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
-import torch
+import numpy as np
 
 from edgelm.runtime.sampling_params import SamplingParams
 
@@ -20,61 +21,73 @@ class Sampler:
 
     def __init__(self, params: SamplingParams | None = None):
         self.params = params or SamplingParams()
-        self.generator = torch.Generator()
-        if self.params.seed is not None:
-            self.generator.manual_seed(self.params.seed)
-        else:
-            self.generator.seed()
+        self.rng = np.random.default_rng(self.params.seed)  # seed None: fresh entropy
         self.recent: deque[int] = deque(maxlen=max(self.params.repeat_last_n, 1))
 
     def accept(self, token: int) -> None:
         """Record a token of the context (prompt or generated) for the repetition penalty."""
         self.recent.append(token)
 
-    def probabilities(self, logits: torch.Tensor, recent: Iterable[int] | None = None) -> torch.Tensor:
-        """The distribution the next token is drawn from (one-hot for greedy), over the full vocabulary;
-        `recent` replaces the remembered tokens for the repetition penalty (speculative decoding scores
-        positions ahead of what has been accepted)."""
-        logits = self.penalized(logits.float(), recent)
+    def probabilities(self, logits, recent: Iterable[int] | None = None) -> np.ndarray:
+        """The distribution (float32) the next token is drawn from (one-hot for greedy), over the full
+        vocabulary; `recent` replaces the remembered tokens for the repetition penalty (speculative decoding
+        scores positions ahead of what has been accepted)."""
+        logits = self.penalized(logits, recent)
         p = self.params
         if p.greedy:
-            probs = torch.zeros_like(logits)
+            probs = np.zeros_like(logits)
             probs[logits.argmax()] = 1.0
             return probs
-        keep = torch.ones_like(logits, dtype=torch.bool)
-        if p.top_k and p.top_k < logits.numel():
-            kth = torch.topk(logits, p.top_k).values[-1]
-            keep &= logits >= kth
-        masked = logits.masked_fill(~keep, float("-inf"))
+        masked = logits.astype(np.float32, copy=True)
+        if p.top_k and p.top_k < logits.size:
+            kth = np.partition(logits, logits.size - p.top_k)[logits.size - p.top_k]
+            masked[logits < kth] = -np.inf
         if p.top_p < 1.0:
-            probs = torch.softmax(masked, dim=-1)
-            sorted_probs, order = torch.sort(probs, descending=True)
+            probs = _softmax(masked)
+            order = np.argsort(-probs, kind="stable")
+            sorted_probs = probs[order]
             # Keep the smallest prefix whose mass reaches top_p (the token crossing it included).
-            before = torch.cumsum(sorted_probs, 0) - sorted_probs
-            drop = order[before >= p.top_p]
-            masked[drop] = float("-inf")
+            before = np.cumsum(sorted_probs) - sorted_probs
+            masked[order[before >= p.top_p]] = -np.inf
         if p.min_p > 0.0:
-            probs = torch.softmax(masked, dim=-1)
-            masked = masked.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
-        return torch.softmax(masked / p.temperature, dim=-1)
+            probs = _softmax(masked)
+            masked[probs < np.float32(p.min_p) * probs.max()] = -np.inf  # in float32, as the probabilities
+        return _softmax(masked / p.temperature)
 
-    def sample(self, logits: torch.Tensor) -> int:
+    def sample(self, logits) -> int:
         """Draw the next token from 1-D logits and record it."""
         if self.params.greedy:
-            token = int(self.penalized(logits.float()).argmax())
+            token = int(self.penalized(logits).argmax())
         else:
-            token = int(torch.multinomial(self.probabilities(logits), 1, generator=self.generator))
+            token = self.draw(self.probabilities(logits))
         self.accept(token)
         return token
 
-    def penalized(self, logits: torch.Tensor, recent: Iterable[int] | None = None) -> torch.Tensor:
+    def draw(self, probs: np.ndarray) -> int:
+        """One index drawn from a distribution (weights need not sum to 1), with this sampler's RNG."""
+        cumulative = np.cumsum(probs, dtype=np.float64)
+        index = int(np.searchsorted(cumulative, self.rng.random() * cumulative[-1], side="right"))
+        return min(index, len(cumulative) - 1)
+
+    def uniform(self) -> float:
+        """A uniform draw in [0, 1) from this sampler's RNG (speculative acceptance)."""
+        return float(self.rng.random())
+
+    def penalized(self, logits, recent: Iterable[int] | None = None) -> np.ndarray:
+        logits = np.asarray(logits, dtype=np.float32)
         penalty = self.params.repeat_penalty
         window = self.recent if recent is None else list(recent)[-self.recent.maxlen:]
         if penalty == 1.0 or not window or self.params.repeat_last_n == 0:
             return logits
-        logits = logits.clone()
-        ids = torch.tensor(sorted(set(window)), dtype=torch.long)
+        logits = logits.copy()
+        ids = np.array(sorted(set(window)), dtype=np.int64)
         values = logits[ids]
         # llama.cpp's rule: shrink positive logits, push negative ones further down.
-        logits[ids] = torch.where(values > 0, values / penalty, values * penalty)
+        logits[ids] = np.where(values > 0, values / penalty, values * penalty)
         return logits
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    """float32 probabilities, computed in float64 (so each is the correctly rounded value)."""
+    e = np.exp(x.astype(np.float64) - float(x.max()))
+    return (e / e.sum()).astype(np.float32)

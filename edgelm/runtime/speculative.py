@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from edgelm.errors import GenerationError
@@ -126,7 +127,7 @@ def _score(model: Transformer, tokens: list[int], pos: int) -> torch.Tensor:
     return model(torch.tensor([tokens]), torch.arange(pos, pos + len(tokens)))[0]
 
 
-def _draft(draft: Transformer, sampler: Sampler, feed: list[int], pos: int, k: int) -> tuple[list[int], list[torch.Tensor]]:
+def _draft(draft: Transformer, sampler: Sampler, feed: list[int], pos: int, k: int) -> tuple[list[int], list[np.ndarray]]:
     """k draft tokens and the draft distributions they were drawn from; `feed` starts at position pos."""
     logits = decode_step(draft, feed[0], pos) if len(feed) == 1 else _score(draft, feed, pos)[-1]
     pos += len(feed)
@@ -134,7 +135,7 @@ def _draft(draft: Transformer, sampler: Sampler, feed: list[int], pos: int, k: i
     tokens, probs = [], []
     for i in range(k):
         q = sampler.probabilities(logits, recent)
-        token = int(q.argmax()) if sampler.params.greedy else int(torch.multinomial(q, 1, generator=sampler.generator))
+        token = int(q.argmax()) if sampler.params.greedy else sampler.draw(q)
         tokens.append(token)
         probs.append(q)
         recent.append(token)
@@ -144,8 +145,7 @@ def _draft(draft: Transformer, sampler: Sampler, feed: list[int], pos: int, k: i
     return tokens, probs
 
 
-def _accept(sampler: Sampler, drafts: list[int], draft_probs: list[torch.Tensor],
-            target_logits: torch.Tensor) -> list[int]:
+def _accept(sampler: Sampler, drafts: list[int], draft_probs: list[np.ndarray], target_logits) -> list[int]:
     """The tokens this round emits: the accepted drafts, then one token of the target's (correction or
     bonus). Records them in the sampler's penalty window."""
     emitted: list[int] = []
@@ -157,20 +157,20 @@ def _accept(sampler: Sampler, drafts: list[int], draft_probs: list[torch.Tensor]
             ok = bool(p[token] > 0)
         else:
             ratio = float(p[token] / q[token]) if q[token] > 0 else 0.0
-            ok = float(torch.rand((), generator=sampler.generator)) < min(1.0, ratio)
+            ok = sampler.uniform() < min(1.0, ratio)
         if not ok:
-            residual = (p - q).clamp_min(0)
+            residual = np.maximum(p - q, 0.0)
             if sampler.params.greedy or float(residual.sum()) <= 0:
                 correction = int(p.argmax())
             else:
-                correction = int(torch.multinomial(residual / residual.sum(), 1, generator=sampler.generator))
+                correction = sampler.draw(residual)
             emitted.append(correction)
             break
         emitted.append(token)
         recent.append(token)
     else:
         p = sampler.probabilities(target_logits[len(drafts)], recent)
-        bonus = int(p.argmax()) if sampler.params.greedy else int(torch.multinomial(p, 1, generator=sampler.generator))
+        bonus = int(p.argmax()) if sampler.params.greedy else sampler.draw(p)
         emitted.append(bonus)
     for token in emitted:
         sampler.accept(token)
