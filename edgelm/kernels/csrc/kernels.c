@@ -1128,6 +1128,43 @@ EK_CLONES static void gated_activation(float *out, const float *gate, const floa
     }
 }
 
+/* Element-wise work of a batch (prefill chunks) split across the threads: each element is computed as it is
+ * alone, so the split changes nothing. */
+#define EK_ELEMENTWISE_GRAIN 8192
+
+typedef struct {
+    float *out;
+    const float *gate, *up;
+    int activation;
+} activation_job;
+
+static void activation_range(void *ctx, int64_t begin, int64_t end) {
+    const activation_job *job = ctx;
+    gated_activation(job->out + begin, job->gate + begin, job->up + begin, end - begin, job->activation);
+}
+
+static void gated_activation_batch(float *out, const float *gate, const float *up, int64_t n, int activation) {
+    activation_job job = {out, gate, up, activation};
+    parallel_for(n, EK_ELEMENTWISE_GRAIN, activation_range, &job);
+}
+
+typedef struct {
+    const float *x;
+    int8_t *xq;
+    float *dx, *bsum;
+} quantize_job;
+
+static void quantize_blocks(void *ctx, int64_t begin, int64_t end) { /* blocks of 32 values */
+    const quantize_job *job = ctx;
+    ek_quantize_act(job->x + begin * 32, (end - begin) * 32, job->xq + begin * 32, job->dx + begin,
+                    job->bsum + begin);
+}
+
+static void quantize_act_batch(const float *x, int64_t n, int8_t *xq, float *dx, float *bsum) {
+    quantize_job job = {x, xq, dx, bsum};
+    parallel_for(n / 32, EK_ELEMENTWISE_GRAIN / 32, quantize_blocks, &job);
+}
+
 /* Scratch for the quantized activations of the widest projection input. */
 typedef struct {
     int8_t *xq;
@@ -1140,7 +1177,7 @@ static int project(const ek_matrix *const *ms, float *const *outs, int n, const 
                    int64_t cols, const act_scratch *scratch) {
     int64_t strides[EK_MAX_STACK];
     for (int i = 0; i < n && i < EK_MAX_STACK; i++) strides[i] = ms[i]->rows;
-    ek_quantize_act(x, n_tokens * cols, scratch->xq, scratch->dx, scratch->bsum);
+    quantize_act_batch(x, n_tokens * cols, scratch->xq, scratch->dx, scratch->bsum);
     const prepared_act pa = {n_tokens, cols, scratch->xq, scratch->dx, scratch->bsum};
     return matvec_stacked(ms, outs, strides, n, &pa, NULL);
 }
@@ -1390,7 +1427,7 @@ EK_EXPORT int ek_decode_layers(const ek_block_args *a, const ek_layer *layers, f
         const ek_matrix *gu[2] = {&L->w_gate, &L->w_up};
         float *gu_out[2] = {gate, up};
         if ((status = project(gu, gu_out, 2, h, T, dim, &scratch))) break;
-        gated_activation(h, gate, up, T * hidden, a->activation);
+        gated_activation_batch(h, gate, up, T * hidden, a->activation);
         const ek_matrix *down[1] = {&L->w_down};
         float *down_out[1] = {o};
         if ((status = project(down, down_out, 1, h, T, hidden, &scratch))) break;
