@@ -31,7 +31,7 @@ import numpy as np
 
 from edgelm.errors import BenchmarkError, EdgelmError
 from edgelm.kernels import usable_cpus
-from edgelm.runtime import KV_BITS
+from edgelm.runtime import check_kv_bits
 
 TTFT_PROMPT_TOKENS = 128
 PROMPT_SEED = 0
@@ -201,8 +201,7 @@ def run_benchmark(model: str, prompt_tokens: int = 512, gen_tokens: int = 128, t
     for name, value in counts.items():
         if value < 1:
             raise BenchmarkError(f"{name} must be >= 1, got {value}")
-    if kv_bits not in KV_BITS:
-        raise BenchmarkError(f"kv_bits must be one of {', '.join(map(str, KV_BITS))}, got {kv_bits}")
+    check_kv_bits(kv_bits)
     if vs_llama_cpp:
         require_llama_cpp()
     from edgelm.registry import resolve
@@ -303,17 +302,23 @@ def _run_worker(job: dict[str, Any], rep: int) -> dict[str, Any]:
 # -- worker side ----------------------------------------------------------------------------------------------
 
 class _EdgelmRunner:
-    """edgelm's PyTorch models (GGUF files, and directories the kernels-only runtime does not run)."""
-
-    runtime = "pytorch"
+    """edgelm: a model directory in the plane layout on its kernels-only runtime (PyTorch is never imported),
+    anything else (GGUF files, float or low-rank layers) on its PyTorch models."""
 
     def __init__(self, model_path: str, threads: int, context: int, kv_bits: int):
-        import torch
+        from edgelm.runtime.engine import KernelEngine, unsupported_reason
 
-        import edgelm
+        if unsupported_reason(model_path) is None:
+            self.runtime = "kernels"
+            self.model = KernelEngine.load(model_path, threads=threads)
+        else:
+            import torch
 
-        torch.set_num_threads(threads)
-        self.model, _ = edgelm.load(model_path, pull=False, keep_quantized=True)
+            import edgelm
+
+            self.runtime = "pytorch"
+            torch.set_num_threads(threads)
+            self.model, _ = edgelm.load(model_path, pull=False, keep_quantized=True)
         self.model.set_kv_bits(kv_bits)
         # llama.cpp allocates its KV cache while loading; the static cache here is reused by every phase.
         self.model.setup_caches(context)
@@ -337,39 +342,15 @@ class _EdgelmRunner:
         return int(self.logits.argmax())
 
     def weight_bytes(self) -> tuple[int, int]:
-        from edgelm.io.artifact import model_size
+        model = self.model
+        if self.runtime == "kernels":
+            total, embedding_bytes = model.weight_bytes, model.embedding_bytes
+        else:
+            from edgelm.io.artifact import model_size
 
-        total = int(model_size(self.model)["bytes"])
-        embedding = self.model.tok_embeddings
-        embedding_bytes = sum(t.numel() * t.element_size() for t in embedding.state_dict().values())
-        tied = self.model.output is None
-        return total, bytes_read_per_token(total, embedding_bytes, self.model.args.vocab_size, tied)
-
-
-class _KernelEngineRunner:
-    """edgelm's kernels-only runtime on a plane-layout model directory (PyTorch is never imported)."""
-
-    runtime = "kernels"
-
-    def __init__(self, model_path: str, threads: int, context: int, kv_bits: int):
-        from edgelm.runtime.engine import KernelEngine
-
-        self.engine = KernelEngine.load(model_path, context=context, kv_bits=kv_bits, threads=threads)
-        self.logits = None
-
-    def prefill(self, tokens: list[int]) -> None:
-        self.logits = self.engine.prefill(tokens)  # from position 0, overwriting the static cache
-
-    def decode(self, token: int) -> None:
-        self.logits = self.engine.decode(token)
-
-    def greedy_token(self) -> int:
-        return int(self.logits.argmax())
-
-    def weight_bytes(self) -> tuple[int, int]:
-        engine = self.engine
-        return engine.weight_bytes, bytes_read_per_token(engine.weight_bytes, engine.embedding_bytes,
-                                                         engine.vocab_size, engine.args.tie_embeddings)
+            total = int(model_size(model)["bytes"])
+            embedding_bytes = sum(t.numel() * t.element_size() for t in model.tok_embeddings.state_dict().values())
+        return total, bytes_read_per_token(total, embedding_bytes, model.args.vocab_size, model.args.tie_embeddings)
 
 
 class _LlamaCppRunner:
@@ -413,11 +394,6 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     """Load one engine and time it (the worker's work); returns the fields of a Run it measures."""
     start = time.perf_counter()  # import + load: the runners import their engine
     runner_class = {EDGELM: _EdgelmRunner, LLAMA_CPP: _LlamaCppRunner}[job["engine"]]
-    if job["engine"] == EDGELM:
-        from edgelm.runtime.engine import unsupported_reason
-
-        if unsupported_reason(job["model_path"]) is None:
-            runner_class = _KernelEngineRunner
     runner = runner_class(job["model_path"], job["threads"], job["context"], job["kv_bits"])
     load_s = time.perf_counter() - start
 

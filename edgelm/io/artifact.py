@@ -165,6 +165,7 @@ def module_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
     from edgelm.compress.lowrank import LoRCEmbedding, LoRCLinear, LowRankLinear
     from edgelm.compress.quant.anyprec import AnyPrecisionLinear
     from edgelm.compress.quant.modules import QuantizedEmbedding, QuantizedLinear
+    from edgelm.kernels import dtype_name
 
     layout: dict[str, dict[str, Any]] = {}
     inside_wrappers: set[str] = set()  # quantized children of LoRC modules, rebuilt with their wrapper
@@ -186,7 +187,7 @@ def module_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
         elif isinstance(module, LowRankLinear):
             layout[name] = {"kind": "lowrank", "out_features": module.out_features,
                             "in_features": module.in_features, "rank": module.rank,
-                            "bias": module.bias is not None, "dtype": str(module.U.dtype).removeprefix("torch.")}
+                            "bias": module.bias is not None, "dtype": dtype_name(module.U)}
     return layout
 
 
@@ -205,13 +206,13 @@ def _quantized_spec(module: nn.Module) -> dict[str, Any]:
 
 
 def _packed_format(w: nn.Module) -> dict[str, Any]:
-    import torch
+    from edgelm.kernels import dtype_name
 
     spec = {"bits": w.scheme.bits, "group_size": w.scheme.group_size, "symmetric": w.scheme.symmetric}
     if getattr(w, "layout", "dense") != "dense":
         spec["layout"] = w.layout
-    if w.zeros.dtype != torch.uint8:  # fractional zero points (ggml's Q4_K/Q4_1 grids, any-precision)
-        spec["zero_dtype"] = str(w.zeros.dtype).removeprefix("torch.")
+    if dtype_name(w.zeros) != "uint8":  # fractional zero points (ggml's Q4_K/Q4_1 grids, any-precision)
+        spec["zero_dtype"] = dtype_name(w.zeros)
     return spec
 
 

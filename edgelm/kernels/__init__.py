@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from edgelm.kernels.layout import CHUNK
 
 if TYPE_CHECKING:
@@ -142,32 +144,68 @@ def supports(bits: int, group_size: int | None, in_features: int, zero_dtype: st
             and 1 <= bits <= 8 and zero_dtype in ("uint8", "float16"))
 
 
+# The classes below take PyTorch tensors (the PyTorch models) or numpy arrays (the kernels-only runtime,
+# edgelm/runtime/engine.py) alike: the kernels only need addresses; what they allocate follows their input.
+
+def _is_torch(buffer) -> bool:
+    return hasattr(buffer, "data_ptr")
+
+
+def _address(buffer) -> int:
+    return buffer.data_ptr() if _is_torch(buffer) else buffer.ctypes.data
+
+
+def dtype_name(buffer_or_dtype) -> str:
+    """"uint8", "float16", ...: the element type of a tensor or array (or a torch/numpy dtype) by name."""
+    dtype = getattr(buffer_or_dtype, "dtype", buffer_or_dtype)
+    return str(dtype).removeprefix("torch.")
+
+
+def _contiguous(buffer, dtype: str | None = None):
+    if _is_torch(buffer):
+        import torch
+
+        return (buffer.detach() if dtype is None else buffer.detach().to(getattr(torch, dtype))).contiguous()
+    return np.ascontiguousarray(buffer, dtype=dtype)
+
+
+def _empty(like, shape: tuple[int, ...], dtype: str = "float32"):
+    """An uninitialized tensor (when `like` is one) or numpy array."""
+    if _is_torch(like):
+        import torch
+
+        return torch.empty(shape, dtype=getattr(torch, dtype))
+    return np.empty(shape, dtype=dtype)
+
+
+def _row_stride(buffer) -> tuple[int, int]:
+    """Strides of a 2-D tensor or array, in elements."""
+    if _is_torch(buffer):
+        return buffer.stride(0), buffer.stride(1)
+    return buffer.strides[0] // buffer.itemsize, buffer.strides[1] // buffer.itemsize
+
+
 class QuantizedActivations:
     """x [T, cols] float32 quantized to int8 in blocks of 32, ready for any matrix with `cols` columns."""
 
-    def __init__(self, x: torch.Tensor):
-        import torch
-
-        lib = _library()
-        x = x.detach().to(torch.float32).contiguous()
+    def __init__(self, x):
+        x = _contiguous(x, "float32")
         self.n_tokens, self.cols = x.shape
-        self.xq = torch.empty(x.shape, dtype=torch.int8)
-        self.dx = torch.empty(self.n_tokens, self.cols // 32)
-        self.bsum = torch.empty(self.n_tokens, self.cols // 32)
-        lib.ek_quantize_act(x.data_ptr(), x.numel(), self.xq.data_ptr(), self.dx.data_ptr(), self.bsum.data_ptr())
+        self.xq = _empty(x, (self.n_tokens, self.cols), "int8")
+        self.dx = _empty(x, (self.n_tokens, self.cols // 32))
+        self.bsum = _empty(x, (self.n_tokens, self.cols // 32))
+        _library().ek_quantize_act(_address(x), self.n_tokens * self.cols, _address(self.xq), _address(self.dx),
+                                   _address(self.bsum))
 
 
 class KernelMatrix:
     """A weight in the kernels' plane layout (codes, fp16 scales, uint8 or fp16 zeros), row order preserved."""
 
-    def __init__(self, planes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group: int,
-                 cols: int):
-        import torch
-
-        self.planes, self.scales, self.zeros = planes.contiguous(), scales.contiguous(), zeros.contiguous()
+    def __init__(self, planes, scales, zeros, bits: int, group: int, cols: int):
+        self.planes, self.scales, self.zeros = _contiguous(planes), _contiguous(scales), _contiguous(zeros)
         self.rows, self.cols, self.bits, self.group = planes.shape[0], cols, bits, group
-        self._struct = matrix_struct(self.rows, cols, bits, group, self.planes.data_ptr(), self.scales.data_ptr(),
-                                     self.zeros.data_ptr(), float_zeros=self.zeros.dtype != torch.uint8)
+        self._struct = matrix_struct(self.rows, cols, bits, group, _address(self.planes), _address(self.scales),
+                                     _address(self.zeros), float_zeros=dtype_name(self.zeros) != "uint8")
 
     @classmethod
     def from_packed(cls, weight) -> KernelMatrix:
@@ -184,38 +222,34 @@ class KernelMatrix:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.planes, self.scales, self.zeros))
+        return sum(t.nbytes for t in (self.planes, self.scales, self.zeros))
 
     def dequantize(self, first: int = 0, n: int | None = None, dtype: torch.dtype | None = None,
-                   out: torch.Tensor | None = None, parallel: bool = True) -> torch.Tensor:
-        """Rows [first, first + n) as a dense float32 or bfloat16 [n, cols] matrix, on the kernels' threads or
-        (parallel=False) on the calling thread only."""
-        import torch
-
+                   out=None, parallel: bool = True):
+        """Rows [first, first + n) as a dense float32 or bfloat16 [n, cols] matrix (a tensor, unless `out` is
+        given), on the kernels' threads or (parallel=False) on the calling thread only."""
         n = self.rows - first if n is None else n
         if out is None:
-            out = torch.empty(n, self.cols, dtype=dtype or torch.float32)
-        if out.dtype not in (torch.float32, torch.bfloat16) or out.stride(1) != 1 or out.shape != (n, self.cols):
+            out = _empty(self.planes, (n, self.cols), dtype_name(dtype) if dtype is not None else "float32")
+        kind = dtype_name(out)
+        if kind not in ("float32", "bfloat16") or _row_stride(out)[1] != 1 or tuple(out.shape) != (n, self.cols):
             raise ValueError(f"dequantize writes a row-major float32/bfloat16 [{n}, {self.cols}] tensor")
-        status = _library().ek_dequantize(ctypes.byref(self._struct), first, n, out.data_ptr(), out.stride(0),
-                                          int(out.dtype == torch.bfloat16), int(parallel))
+        status = _library().ek_dequantize(ctypes.byref(self._struct), first, n, _address(out), _row_stride(out)[0],
+                                          int(kind == "bfloat16"), int(parallel))
         if status:
             raise ValueError(f"cannot dequantize rows {first}..{first + n} of a {self.rows}-row matrix")
         return out
 
-    def matvec(self, x: torch.Tensor | QuantizedActivations, out: torch.Tensor | None = None,
-               out_index: torch.Tensor | None = None) -> torch.Tensor:
+    def matvec(self, x, out=None, out_index=None):
         """x [T, cols] -> [T, rows]; with out_index (int32 [rows]) row r lands in column out_index[r] of out."""
         qa = x if isinstance(x, QuantizedActivations) else QuantizedActivations(x)
         if qa.cols != self.cols:
             raise ValueError(f"activations have {qa.cols} columns, the matrix {self.cols}")
         if out is None:
-            import torch
-
-            out = torch.empty(qa.n_tokens, self.rows)
-        status = _library().ek_matvec(ctypes.byref(self._struct), qa.n_tokens, qa.xq.data_ptr(), qa.dx.data_ptr(),
-                                      qa.bsum.data_ptr(), out.data_ptr(), out.stride(0),
-                                      None if out_index is None else out_index.data_ptr())
+            out = _empty(qa.xq, (qa.n_tokens, self.rows))
+        status = _library().ek_matvec(ctypes.byref(self._struct), qa.n_tokens, _address(qa.xq), _address(qa.dx),
+                                      _address(qa.bsum), _address(out), _row_stride(out)[0],
+                                      None if out_index is None else _address(out_index))
         if status:
             raise RuntimeError(f"edgelm kernel rejected a {self.rows}x{self.cols} {self.bits}-bit matrix "
                                f"(group {self.group}): status {status}")
@@ -225,33 +259,41 @@ class KernelMatrix:
 MAX_PARTS = 8
 
 
+def tier_index(tier: np.ndarray, n_parts: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """For a row-tiered matrix (tier[r]: the part holding row r): local[r], row r's position in its part
+    (int64), and each part's rows in ascending order (int32, KernelParts' output indices)."""
+    order = np.argsort(tier, kind="stable")
+    counts = np.bincount(tier, minlength=n_parts)
+    rows = [part.astype(np.int32) for part in np.split(order, np.cumsum(counts)[:-1])]
+    local = np.empty(tier.shape[0], dtype=np.int64)
+    for part in rows:
+        local[part] = np.arange(part.size)
+    return local, rows
+
+
 class KernelParts:
     """Matrices that write disjoint columns of one output (the row tiers of an output matrix), run as one
     parallel job: one hand-off to the threads instead of one per part."""
 
-    def __init__(self, matrices: list[KernelMatrix], out_indices: list[torch.Tensor]):
+    def __init__(self, matrices: list[KernelMatrix], out_indices: list):
         if not 1 <= len(matrices) <= MAX_PARTS or len({m.cols for m in matrices}) != 1:
             raise ValueError(f"1..{MAX_PARTS} matrices with the same number of columns")
-        import torch
-
         self.matrices, self.cols = matrices, matrices[0].cols
-        self.out_indices = [index.to(torch.int32).contiguous() for index in out_indices]
+        self.out_indices = [_contiguous(index, "int32") for index in out_indices]
         self.width = sum(m.rows for m in matrices)
         n = len(matrices)
         self._structs = (ctypes.c_void_p * n)(*(ctypes.addressof(m._struct) for m in matrices))
-        self._indices = (ctypes.c_void_p * n)(*(index.data_ptr() for index in self.out_indices))
+        self._indices = (ctypes.c_void_p * n)(*(_address(index) for index in self.out_indices))
 
-    def matvec(self, x: torch.Tensor | QuantizedActivations, out: torch.Tensor | None = None) -> torch.Tensor:
+    def matvec(self, x, out=None):
         qa = x if isinstance(x, QuantizedActivations) else QuantizedActivations(x)
         if qa.cols != self.cols:
             raise ValueError(f"activations have {qa.cols} columns, the matrices {self.cols}")
         if out is None:
-            import torch
-
-            out = torch.empty(qa.n_tokens, self.width)
+            out = _empty(qa.xq, (qa.n_tokens, self.width))
         status = _library().ek_matvec_parts(self._structs, self._indices, len(self.matrices), qa.n_tokens,
-                                            qa.xq.data_ptr(), qa.dx.data_ptr(), qa.bsum.data_ptr(), out.data_ptr(),
-                                            out.stride(0))
+                                            _address(qa.xq), _address(qa.dx), _address(qa.bsum), _address(out),
+                                            _row_stride(out)[0])
         if status:
             raise RuntimeError(f"edgelm kernels rejected the parts (status {status})")
         return out

@@ -43,6 +43,14 @@ class ModelArgs:
         # llama.cpp's rule: in each group of `pattern` layers the last one is global.
         return layer % self.sliding_window_pattern < self.sliding_window_pattern - 1
 
+    def check_context(self, max_len: int) -> None:
+        """A KV cache of `max_len` positions fits the model's context, or a GenerationError says so."""
+        if max_len > self.max_context:
+            from edgelm.errors import GenerationError
+
+            raise GenerationError(f"{max_len} tokens exceed the model's context of {self.max_context}; "
+                                  "shorten the prompt or lower --max-tokens")
+
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 

@@ -240,9 +240,7 @@ class Transformer(nn.Module):
     def setup_caches(self, max_len: int, batch: int = 1, dtype: torch.dtype | None = None) -> None:
         """Static KV caches for `max_len` positions: quantized (set_kv_bits 8/4) or float in `dtype`
         (default: the layers' kv_dtype, set_kv_bits 32/16)."""
-        if max_len > self.args.max_context:
-            raise GenerationError(f"{max_len} tokens exceed the model's context of {self.args.max_context}; "
-                                  "shorten the prompt or lower --max-tokens")
+        self.args.check_context(max_len)
         for layer in self.layers:
             if layer.attn.kv_quant is not None:
                 from edgelm.runtime.kv_cache import QuantizedKVCache

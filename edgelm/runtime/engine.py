@@ -18,7 +18,6 @@ the pair with its tokenizer), and `edgelm generate`/`chat` use it for such direc
 
 from __future__ import annotations
 
-import ctypes
 import os
 from pathlib import Path
 from typing import Any
@@ -29,11 +28,10 @@ from edgelm import kernels
 from edgelm.errors import GenerationError, ModelFormatError
 from edgelm.kernels.blocks import NORMS, PROJECTIONS, LayerStack, rms_norm
 from edgelm.models.args import ModelArgs, embed_scale
-from edgelm.runtime import KV_BITS
+from edgelm.runtime import KV_GROUP, check_kv_bits
 
 # Tokens per call of the step while prefilling: 128 is as fast as 256 here and needs half the scratch.
 PREFILL_CHUNK = 128
-KV_GROUP = 32  # channels per scale of an 8-/4-bit cache (runtime/kv_cache.py's default)
 
 
 def unsupported_reason(path: str | os.PathLike[str]) -> str | None:
@@ -44,9 +42,12 @@ def unsupported_reason(path: str | os.PathLike[str]) -> str | None:
     path = Path(path)
     if not path.is_dir() or not is_artifact(path):
         return "not an edgelm model directory"
+    return _unsupported(read_config(path))
+
+
+def _unsupported(config: dict[str, Any]) -> str | None:
     if not kernels.available():
         return "edgelm's compiled kernels are not built on this machine"
-    config = read_config(path)
     args = ModelArgs(**config["model_args"])
     specs = config["quantized_modules"]
     wanted = {f"layers.{i}.{owner}.{name}": "linear" for i in range(args.n_layers) for owner, name in PROJECTIONS}
@@ -68,66 +69,36 @@ def unsupported_reason(path: str | os.PathLike[str]) -> str | None:
 
 
 class _Packed:
-    """One packed matrix of the directory (or the row tiers of one), as kernel structs over the file's pages."""
+    """One packed matrix of the directory (or the row tiers of one) on the kernels, over the file's pages."""
 
     def __init__(self, weights: dict[str, np.ndarray], name: str, spec: dict[str, Any]):
-        self.rows, self.cols, self.keep = spec["out_features"], spec["in_features"], []
+        self.rows, self.cols = spec["out_features"], spec["in_features"]
         self.tier = weights.get(f"{name}.weight_q.tier")
         self.nbytes = 0 if self.tier is None else self.tier.nbytes  # as stored (edgelm.io.artifact.model_size)
         if "tiers" in spec:
-            self.parts = [self._struct(weights, f"{name}.weight_q.parts.{k}", fmt, fmt["rows"])
+            self.parts = [self._part(weights, f"{name}.weight_q.parts.{k}", fmt, fmt["rows"])
                           for k, fmt in enumerate(spec["tiers"])]
+            self.local, rows = kernels.tier_index(self.tier, len(self.parts))
+            self.matrix = kernels.KernelParts(self.parts, rows)
         else:
-            self.parts = [self._struct(weights, f"{name}.weight_q", spec, self.rows)]
-        if self.tier is None:
-            self.local = self.out_indices = None
-        else:  # local[r]: row r's position in its tier; out_indices[k]: the rows of tier k, ascending
-            order = np.argsort(self.tier, kind="stable")
-            counts = np.bincount(self.tier, minlength=len(self.parts))
-            self.out_indices = [a.astype(np.int32) for a in np.split(order, np.cumsum(counts)[:-1])]
-            self.local = np.empty(self.rows, dtype=np.int32)
-            for rows in self.out_indices:
-                self.local[rows] = np.arange(rows.size, dtype=np.int32)
-            n = len(self.parts)
-            self._structs = (ctypes.c_void_p * n)(*(ctypes.addressof(s) for s in self.parts))
-            self._indices = (ctypes.c_void_p * n)(*(rows.ctypes.data for rows in self.out_indices))
-        self.lib = kernels._library()
+            self.parts = [self._part(weights, f"{name}.weight_q", spec, self.rows)]
+            self.matrix = self.parts[0]
 
-    def _struct(self, weights, prefix: str, fmt: dict[str, Any], rows: int) -> kernels._Matrix:
+    def _part(self, weights, prefix: str, fmt: dict[str, Any], rows: int) -> kernels.KernelMatrix:
         planes, scales, zeros = (weights[f"{prefix}.{part}"] for part in ("packed", "scales", "zeros"))
         if scales.dtype != np.float16 or planes.shape[0] != rows:
             raise ModelFormatError(f"{prefix}: stored tensors do not match config.json; re-create the directory")
-        self.keep += [planes, scales, zeros]
         self.nbytes += planes.nbytes + scales.nbytes + (0 if fmt["symmetric"] else zeros.nbytes)
-        return kernels.matrix_struct(rows, self.cols, fmt["bits"], fmt["group_size"] or self.cols,
-                                     planes.ctypes.data, scales.ctypes.data, zeros.ctypes.data,
-                                     float_zeros=zeros.dtype == np.float16)
+        return kernels.KernelMatrix(planes, scales, zeros, fmt["bits"], fmt["group_size"] or self.cols, self.cols)
 
     def row_into(self, row: int, out: np.ndarray) -> None:
-        """Row `row` dequantized into out [cols] (float32), on the calling thread."""
+        """Row `row` dequantized into out [1, cols] (float32), on the calling thread."""
         part, local = (0, row) if self.tier is None else (int(self.tier[row]), int(self.local[row]))
-        status = self.lib.ek_dequantize(ctypes.byref(self.parts[part]), local, 1, out.ctypes.data, self.cols, 0, 0)
-        if status:
-            raise GenerationError(f"token id {row} is outside the vocabulary of {self.rows} tokens")
+        self.parts[part].dequantize(local, 1, out=out, parallel=False)
 
     def matvec(self, x: np.ndarray) -> np.ndarray:
         """x [T, cols] float32 -> [T, rows]: activations quantized once, every tier in one parallel job."""
-        n_tokens = x.shape[0]
-        xq = np.empty(x.shape, dtype=np.int8)
-        dx = np.empty((n_tokens, self.cols // 32), dtype=np.float32)
-        bsum = np.empty_like(dx)
-        self.lib.ek_quantize_act(x.ctypes.data, x.size, xq.ctypes.data, dx.ctypes.data, bsum.ctypes.data)
-        out = np.empty((n_tokens, self.rows), dtype=np.float32)
-        if self.tier is None:
-            status = self.lib.ek_matvec(ctypes.byref(self.parts[0]), n_tokens, xq.ctypes.data, dx.ctypes.data,
-                                        bsum.ctypes.data, out.ctypes.data, self.rows, None)
-        else:
-            status = self.lib.ek_matvec_parts(self._structs, self._indices, len(self.parts), n_tokens,
-                                              xq.ctypes.data, dx.ctypes.data, bsum.ctypes.data, out.ctypes.data,
-                                              self.rows)
-        if status:
-            raise RuntimeError(f"edgelm kernels rejected a {self.rows}x{self.cols} matrix (status {status})")
-        return out
+        return self.matrix.matvec(x)
 
 
 class KernelEngine:
@@ -135,13 +106,13 @@ class KernelEngine:
     decodes within static KV caches set up per generation (`setup_caches`, `set_kv_bits`)."""
 
     def __init__(self, path: Path, threads: int | None):
-        from edgelm.io.artifact import map_weights, read_config
+        from edgelm.io.artifact import is_artifact, map_weights, read_config
 
-        reason = unsupported_reason(path)
+        config = read_config(path) if path.is_dir() and is_artifact(path) else None
+        reason = "not an edgelm model directory" if config is None else _unsupported(config)
         if reason:
             raise ModelFormatError(f"{path}: cannot run on the kernels alone ({reason}); load it with "
                                    "edgelm.load instead")
-        config = read_config(path)
         self.config, self.path = config, path
         self.args = args = ModelArgs(**config["model_args"])
         if threads:
@@ -154,7 +125,7 @@ class KernelEngine:
         self.softcap = args.extra.get("final_logit_softcapping")
         self.final_norm = weights["norm.weight"]
         self.embedding_bytes = self.embedding.nbytes
-        self._blocks = []  # per block: (projection structs, norm weights, biases); their buffers kept below
+        self._blocks = []  # per block: (projection structs, norm weights, biases); _matrices keeps their buffers
         self._matrices = []
         norm_names = {"q_norm": "attn.q_norm", "k_norm": "attn.k_norm"}
         for i in range(args.n_layers):
@@ -164,7 +135,7 @@ class KernelEngine:
                 key = f"{prefix}{owner}.{name}"
                 packed = _Packed(weights, key, specs[key])
                 self._matrices.append(packed)
-                matrices[name] = packed.parts[0]
+                matrices[name] = packed.matrix._struct
             norms = {name: weights.get(f"{prefix}{norm_names.get(name, name)}.weight") for name in NORMS}
             biases = {name: weights.get(f"{prefix}attn.{name}.bias") for name in ("wq", "wk", "wv")}
             self._blocks.append((matrices, norms, biases))
@@ -186,16 +157,12 @@ class KernelEngine:
 
     def set_kv_bits(self, bits: int | None) -> None:
         """The KV cache from the next setup_caches on: 32 (or None) float32, 16 float16, 8 or 4 quantized."""
-        bits = 32 if bits is None else bits
-        if bits not in KV_BITS:
-            raise GenerationError(f"--kv-bits must be one of {', '.join(map(str, KV_BITS))}, got {bits}")
-        self.kv_bits = bits
+        check_kv_bits(bits)
+        self.kv_bits = 32 if bits is None else bits
 
     def setup_caches(self, max_len: int) -> None:
         """Static KV caches for `max_len` positions (zero pages until written: memory grows with use)."""
-        if max_len > self.args.max_context:
-            raise GenerationError(f"{max_len} tokens exceed the model's context of {self.args.max_context}; "
-                                  "shorten the prompt or lower --max-tokens")
+        self.args.check_context(max_len)
         stack = LayerStack(self.args, max_len)
         for i, block in enumerate(self._blocks):
             stack.set_layer(i, *block)
@@ -232,7 +199,7 @@ class KernelEngine:
         for i, token in enumerate(tokens):
             if not 0 <= token < self.args.vocab_size:
                 raise GenerationError(f"token id {token} is outside the vocabulary of {self.args.vocab_size} tokens")
-            self.embedding.row_into(token, x[i])
+            self.embedding.row_into(token, x[i:i + 1])
         if self.embed_scale is not None:
             x *= np.float32(self.embed_scale)
         return x
@@ -266,13 +233,14 @@ class KernelEngine:
         """Logits [vocab] after `token`, which takes the next position."""
         return self.steps([token])[0]
 
-    def steps(self, tokens: list[int]) -> np.ndarray:
-        """Logits [T, vocab] after each of T tokens from the next position; each row is bit-identical to
-        decoding the tokens one at a time."""
-        self._check_room(len(tokens), self.pos)
+    def steps(self, tokens: list[int], pos: int | None = None) -> np.ndarray:
+        """Logits [T, vocab] after each of T tokens from position `pos` (default: the next one); each row is
+        bit-identical to decoding the tokens one at a time."""
+        pos = self.pos if pos is None else pos
+        self._check_room(len(tokens), pos)
         x = self._embed(tokens)
-        self.stack.run(x, self.pos)
-        self.pos += len(tokens)
+        self.stack.run(x, pos)
+        self.pos = pos + len(tokens)
         return self._logits(x)
 
 

@@ -24,9 +24,11 @@ if TYPE_CHECKING:  # PyTorch is imported by the functions that run PyTorch model
 PREFILL_CHUNK = 256  # bounds the scratch memory of long prompts (512 costs ~6 MB more peak RSS, no faster)
 
 
-def prefill(model: Transformer, tokens: Sequence[int], start_pos: int = 0,
+def prefill(model: Transformer | KernelEngine, tokens: Sequence[int], start_pos: int = 0,
             chunk: int = PREFILL_CHUNK) -> torch.Tensor:
     """Run the prompt through the model (KV caches must be set up); logits of its last position."""
+    if isinstance(model, KernelEngine):  # no PyTorch: numpy logits
+        return model.prefill(tokens, start_pos)
     import torch
 
     from edgelm import kernels
@@ -45,8 +47,10 @@ def prefill(model: Transformer, tokens: Sequence[int], start_pos: int = 0,
     return logits[0, -1]
 
 
-def decode_step(model: Transformer, token: int, pos: int) -> torch.Tensor:
+def decode_step(model: Transformer | KernelEngine, token: int, pos: int) -> torch.Tensor:
     """One token in, next-token logits out (on the compiled step when the model can run there)."""
+    if isinstance(model, KernelEngine):
+        return model.steps([token], pos)[0]
     import torch
 
     from edgelm.runtime.native import native_decoder
@@ -70,7 +74,6 @@ def generate_step(model: Transformer | KernelEngine, prompt: Sequence[int], samp
                   max_tokens: int = 256, stats: GenerationStats | None = None) -> Iterator[int]:
     """Yield generated token ids, one per step, until max_tokens (the caller stops at EOS). `model` is a
     PyTorch model or the kernels-only runtime (runtime/engine.py)."""
-    engine = isinstance(model, KernelEngine)
     check_lengths(len(prompt), max_tokens, model.args.max_context)
     sampler = sampler or Sampler()
     stats = stats if stats is not None else GenerationStats()
@@ -80,7 +83,7 @@ def generate_step(model: Transformer | KernelEngine, prompt: Sequence[int], samp
     model.setup_caches(total)
     try:
         start = time.perf_counter()
-        logits = model.prefill(prompt) if engine else prefill(model, prompt)
+        logits = prefill(model, prompt)
         stats.prompt_tokens = len(prompt)
         stats.prompt_seconds = time.perf_counter() - start
         pos = len(prompt)
@@ -92,7 +95,7 @@ def generate_step(model: Transformer | KernelEngine, prompt: Sequence[int], samp
             yield token
             if i + 1 == max_tokens:
                 break
-            logits = model.decode(token) if engine else decode_step(model, token, pos)
+            logits = decode_step(model, token, pos)
             pos += 1
         stats.generation_seconds = time.perf_counter() - start - stats.prompt_seconds
     finally:
@@ -141,9 +144,6 @@ def stream_generate(model: Transformer | KernelEngine, tokenizer, prompt: str | 
     if draft is not None:
         from edgelm.runtime.speculative import speculative_generate_step
 
-        if isinstance(model, KernelEngine) or isinstance(draft, KernelEngine):
-            raise GenerationError("speculative decoding runs on PyTorch models: load target and draft with "
-                                  "edgelm.load")
         steps = speculative_generate_step(model, draft, ids, Sampler(sampling), max_tokens, num_draft, stats,
                                           spec_stats)
     else:

@@ -12,14 +12,12 @@ import torch
 from torch import nn
 
 from edgelm.compress.quant.primitives import QuantScheme, compute_params, dequantize, pack, quantize, unpack
-from edgelm.errors import GenerationError
-from edgelm.runtime import KV_BITS
+from edgelm.runtime import KV_GROUP, check_kv_bits
 
 
-def kv_scheme(bits: int | None, head_dim: int, group_size: int = 32) -> QuantScheme | None:
+def kv_scheme(bits: int | None, head_dim: int, group_size: int = KV_GROUP) -> QuantScheme | None:
     """The cache's quantization scheme for --kv-bits 8 or 4 (None for a float cache: 32, 16 or None)."""
-    if bits not in (None, *KV_BITS):
-        raise GenerationError(f"--kv-bits must be one of {', '.join(map(str, KV_BITS))}, got {bits}")
+    check_kv_bits(bits)
     if bits in (None, 32, 16):
         return None
     return QuantScheme(bits, min(group_size, head_dim))

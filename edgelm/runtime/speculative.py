@@ -49,6 +49,11 @@ class SpeculativeStats:
 
 
 def check_draft(target: Transformer, draft: Transformer) -> None:
+    from edgelm.runtime.engine import KernelEngine
+
+    if isinstance(target, KernelEngine) or isinstance(draft, KernelEngine):
+        raise GenerationError("speculative decoding runs on PyTorch models: load target and draft with "
+                              "edgelm.load")
     if draft.args.vocab_size != target.args.vocab_size:
         raise GenerationError(f"the draft model's vocabulary ({draft.args.vocab_size} tokens) differs from the "
                               f"target's ({target.args.vocab_size}); use a draft of the same tokenizer family")

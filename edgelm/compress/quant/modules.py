@@ -171,7 +171,7 @@ class PackedWeight(nn.Module):
         """This weight in the kernels' layout (built on first use), or None when the kernels cannot run it."""
         if getattr(self, "_kernel", None) is None:
             if not kernels.supports(self.scheme.bits, self.scheme.group_size, self.in_features,
-                                    str(self.zeros.dtype).removeprefix("torch.")):
+                                    kernels.dtype_name(self.zeros)):
                 return None
             self._kernel = kernels.KernelMatrix.from_packed(self)
         return self._kernel
@@ -276,13 +276,9 @@ class RowTieredWeight(nn.Module):
         """local[r]: the position of row r inside its part (derived, so not stored)."""
         if self.tier.is_meta:  # a model directory being built: indexed once the real tiers are loaded
             return
-        local = torch.empty(self.out_features, dtype=torch.int64)
-        self.rows = []  # rows of each part, int32 as the kernels' output index wants them
-        for k in range(len(self.parts)):
-            rows = (self.tier == k).nonzero().squeeze(1)
-            local[rows] = torch.arange(rows.numel())
-            self.rows.append(rows.to(torch.int32))
-        self.local = local
+        local, rows = kernels.tier_index(self.tier.numpy(), len(self.parts))
+        self.local = torch.from_numpy(local)
+        self.rows = [torch.from_numpy(part) for part in rows]  # int32, as the kernels' output index wants them
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)

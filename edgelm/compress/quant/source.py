@@ -64,19 +64,22 @@ GGML_ROW_BLOCK = 8192  # rows decoded at a time: bounds the temporaries for a 26
 def packed_from_ggml(type_name: str, raw, shape: tuple[int, int]) -> PackedWeight | None:
     """A ggml-quantized 2-D tensor as edgelm's packed weight on the same grid (None: no such grid), built
     a block of rows at a time straight into the kernels' plane layout where the width allows."""
-    from edgelm.io.ggml_grids import decode_grid
+    from edgelm.io.ggml_grids import DECODERS, decode_grid
     from edgelm.kernels.layout import CHUNK, to_planes
 
+    if type_name not in DECODERS:  # float tensors: nothing to convert (and no byte copy of them to make)
+        return None
     rows, cols = shape
     raw = np.asarray(raw, dtype=np.uint8).reshape(rows, -1)
-    first = decode_grid(type_name, raw[:1], (1, cols))
-    if first is None:
-        return None
-    scheme = QuantScheme(first.bits, first.group_size, first.symmetric)
-    weight = PackedWeight(rows, cols, scheme, zero_dtype=torch.uint8 if first.symmetric else torch.float16)
     planes = cols % CHUNK == 0
+    weight = None
     for start in range(0, rows, GGML_ROW_BLOCK):
         grid = decode_grid(type_name, raw[start:start + GGML_ROW_BLOCK], (min(GGML_ROW_BLOCK, rows - start), cols))
+        if grid is None:  # not a grid edgelm's packed format holds (decided by the type: on the first block)
+            return None
+        if weight is None:
+            scheme = QuantScheme(grid.bits, grid.group_size, grid.symmetric)
+            weight = PackedWeight(rows, cols, scheme, zero_dtype=torch.uint8 if grid.symmetric else torch.float16)
         codes = torch.from_numpy(grid.codes)
         block = slice(start, start + codes.shape[0])
         weight.packed[block] = to_planes(codes, scheme.bits) if planes else pack(codes, scheme.bits)

@@ -378,14 +378,15 @@ EK_AVX512 static inline void scaled_zeros(const uint16_t *sc, const uint8_t *zr,
     }
 }
 
-/* zero_term from scaled_zeros' products: the same operations in the same order, so the same result. */
-EK_AVX512 static inline float zero_term_scaled(const float *sz, const float *gsum, int64_t n_groups) {
+/* The lanes zero_term sums, from scaled_zeros' products: the same operations in the same order, so summed
+ * in the same order too (reduce16) the same result. */
+EK_AVX512 static inline __m512 zero_acc(const float *sz, const float *gsum, int64_t n_groups) {
     __m512 acc = _mm512_setzero_ps();
     for (int64_t g = 0; g < n_groups; g += 16) {
         const __mmask16 k = first_lanes(n_groups - g);
         acc = _mm512_fmadd_ps(_mm512_loadu_ps(sz + g), _mm512_maskz_loadu_ps(k, gsum + g), acc);
     }
-    return _mm512_reduce_add_ps(acc);
+    return acc;
 }
 
 EK_AVX512 static inline __m512 load_scales16(const uint16_t *sc, int64_t first, int64_t n_groups) {
@@ -474,15 +475,6 @@ EK_AVX512 static inline __m512 reduce16(const __m512 *a) {
                          _mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-/* The lanes zero_term_scaled sums (sz_g * gsum_g over the row's groups, 16 at a time). */
-EK_AVX512 static inline __m512 zero_acc(const float *sz, const float *gsum, int64_t n_groups) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t g = 0; g < n_groups; g += 16) {
-        const __mmask16 k = first_lanes(n_groups - g);
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(sz + g), _mm512_maskz_loadu_ps(k, gsum + g), acc);
-    }
-    return acc;
-}
 
 EK_AVX512 static inline void transpose_quad(__m512i *out, __m512i c0, __m512i c1, __m512i c2, __m512i c3) {
     const __m512i t0 = _mm512_unpacklo_epi32(c0, c1), t1 = _mm512_unpackhi_epi32(c0, c1);
