@@ -82,17 +82,17 @@ def test_writes_are_atomic(quantized, tmp_path):
         save_artifact(model, tokenizer, other)
 
 
-def test_codes_are_stored_in_the_kernels_layout_and_dense_directories_still_load(quantized, tmp_path):
-    """Version 2 stores codes as the kernels read them (no conversion or second copy at load); a version-1
-    directory (dense packing) loads too, and both give the same model."""
+def test_codes_are_stored_in_the_kernels_layout_and_older_directories_still_load(quantized, tmp_path):
+    """Version 3 stores codes as the kernels read them (no conversion or second copy at load); version-2
+    (plane layout chunk by chunk) and version-1 (dense packing) directories load too, all the same model."""
     from safetensors.torch import load_file, save_file
 
-    from edgelm.kernels.layout import from_planes
+    from edgelm.kernels.layout import from_planes, to_chunk_planes
 
     model, tokenizer, _ = quantized
     out = save_artifact(model, tokenizer, tmp_path / "q")
     config = json.loads((out / CONFIG).read_text())
-    assert config["format_version"] == 2
+    assert config["format_version"] == 3
     assert config["quantized_modules"]["layers.0.attn.wq"]["layout"] == "planes"
     loaded, _ = load_artifact(out)
     weight = loaded.layers[0].attn.wq.weight_q
@@ -101,19 +101,33 @@ def test_codes_are_stored_in_the_kernels_layout_and_dense_directories_still_load
     if km is not None:
         assert km.planes.data_ptr() == weight.packed.data_ptr()  # the kernels read the stored codes in place
 
-    # the same directory as version 1 wrote it: dense row-wise packing, no layout keys
-    from edgelm.compress.quant.primitives import pack
+    ids = torch.randint(3, model.args.vocab_size, (1, 12))
 
+    # the same directory as version 2 wrote it: each row's planes chunk by chunk
     state = load_file(out / "model.safetensors")
     for name, spec in config["quantized_modules"].items():
         if spec.get("layout") == "planes":
             key = f"{name}.weight_q.packed"
-            state[key] = pack(from_planes(state[key], spec["bits"], spec["in_features"]), spec["bits"])
+            state[key] = to_chunk_planes(from_planes(state[key], spec["bits"], spec["in_features"]), spec["bits"])
+    save_file(state, out / "model.safetensors")
+    (out / CONFIG).write_text(json.dumps({**config, "format_version": 2}))
+    v2, _ = load_artifact(out)
+    assert v2.layers[0].attn.wq.weight_q.layout == "chunk-planes"
+    with torch.inference_mode():
+        torch.testing.assert_close(v2(ids), loaded(ids), rtol=0, atol=0)
+
+    # and as version 1 wrote it: dense row-wise packing, no layout keys
+    from edgelm.compress.quant.primitives import pack
+    from edgelm.kernels.layout import from_chunk_planes
+
+    for name, spec in config["quantized_modules"].items():
+        if spec.get("layout") == "planes":
+            key = f"{name}.weight_q.packed"
+            state[key] = pack(from_chunk_planes(state[key], spec["bits"], spec["in_features"]), spec["bits"])
             del spec["layout"]
     save_file(state, out / "model.safetensors")
     (out / CONFIG).write_text(json.dumps({**config, "format_version": 1}))
     old, _ = load_artifact(out)
     assert old.layers[0].attn.wq.weight_q.layout == "dense"
-    ids = torch.randint(3, model.args.vocab_size, (1, 12))
     with torch.inference_mode():
         torch.testing.assert_close(old(ids), loaded(ids), rtol=0, atol=0)

@@ -39,12 +39,26 @@ def test_kernels_are_built_where_a_compiler_exists():
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
-def test_plane_layout_round_trips_and_costs_exactly_b_bits(bits):
-    codes = torch.randint(0, 1 << bits, (5, 192), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
+@pytest.mark.parametrize("cols", [192, 256, 640])  # a partial quad only, one full quad, both
+def test_plane_layout_round_trips_and_costs_exactly_b_bits(bits, cols):
+    codes = torch.randint(0, 1 << bits, (5, cols), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
     data = to_planes(codes, bits)
-    assert data.shape == (5, 192 * bits // 8)
+    assert data.shape == (5, cols * bits // 8)
     assert sum(planes(bits)) == bits
-    assert torch.equal(from_planes(data, bits, 192), codes)
+    assert torch.equal(from_planes(data, bits, cols), codes)
+
+
+def test_a_full_quad_stores_its_transposed_vectors():
+    """4 bits: byte i of the first 64 holds transposed vectors 0 and 1 at byte i, i.e. codes 64 j + 16 q + b
+    and the same + 4 (i = 16 q + 4 j + b); the chunks of a partial quad follow, chunk by chunk."""
+    codes = torch.randint(0, 16, (1, 320), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    data = to_planes(codes, 4)[0]
+    for i in (0, 5, 23, 63):
+        q, j, b = i // 16, (i // 4) % 4, i % 4
+        code = 64 * j + 16 * q + b
+        assert data[i] == codes[0, code] | codes[0, code + 4] << 4
+        assert data[64 + i] == codes[0, code + 8] | codes[0, code + 12] << 4
+    assert data[128 + 3] == codes[0, 256 + 3] | codes[0, 256 + 35] << 4  # the tail chunk's nibble plane
 
 
 @needs_kernels
@@ -65,6 +79,22 @@ def test_matvec_matches_dequantized_reference(bits, group):
     # and the int8 activations cost little against the float product
     exact = x.double() @ weight.dequantize().double().T
     assert (km.matvec(qa).double() - exact).norm() / exact.norm() < 0.02
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_a_batch_gives_each_token_its_single_token_result_bit_for_bit(bits):
+    """One token, 2-4 tokens (rows decoded in registers) and longer batches (rows decoded into a buffer)
+    take different paths through the same arithmetic: speculative verification and prefill must reproduce
+    plain decoding exactly. Rows of 640: two full quads and a partial one."""
+    weight = packed(37, 640, bits, 32, seed=bits)
+    x = torch.randn(9, 640, generator=torch.Generator().manual_seed(bits))
+    km = KernelMatrix.from_packed(weight)
+    single = torch.cat([km.matvec(QuantizedActivations(x[t:t + 1])) for t in range(9)])
+    for n in (2, 3, 4, 5, 9):
+        assert torch.equal(km.matvec(QuantizedActivations(x[:n])), single[:n]), n
+    expected = reference(weight, QuantizedActivations(x))
+    assert (single.double() - expected).abs().max() / expected.abs().max() < 1e-5
 
 
 @needs_kernels
@@ -177,7 +207,7 @@ def test_quantized_model_decodes_the_same_on_the_kernels(tmp_path, monkeypatch, 
 @needs_kernels
 @pytest.mark.parametrize("bits,group", [(1, 64), (2, 256), (3, 128), (4, 32), (5, 32), (6, 16), (7, 64), (8, 128)])
 def test_dequantize_is_the_reference_bit_for_bit(bits, group):
-    weight = packed(37, 256, bits, group, seed=bits)
+    weight = packed(37, 768, bits, group, seed=bits)  # two full quads and a partial one
     km = KernelMatrix.from_packed(weight)
     expected = weight.dequantize()
     assert torch.equal(km.dequantize(), expected)

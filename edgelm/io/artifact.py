@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # reading a directory's config and tokenizer needs no PyTorch
     from torch import nn
 
 FORMAT = "edgelm"
-FORMAT_VERSION = 2  # 2: packed codes may be stored in the kernels' plane layout
+FORMAT_VERSION = 3  # 2: packed codes may be stored in the kernels' plane layout; 3: planes by quads of 256 codes
 OLDEST_READABLE = 1
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
 
@@ -278,6 +278,11 @@ def read_config(path: Path) -> dict[str, Any]:
     if version < OLDEST_READABLE:
         raise ModelFormatError(f"{path}: format version {version} is older than this edgelm supports "
                                f"({OLDEST_READABLE}..{FORMAT_VERSION}); re-create it from the source model")
+    if version == 2:  # version 2's plane layout went chunk by chunk: read as such, converted on first use
+        for spec in config.get("quantized_modules", {}).values():
+            for fmt in [spec, *spec.get("tiers", [])]:
+                if fmt.get("layout") == "planes":
+                    fmt["layout"] = "chunk-planes"
     return config
 
 

@@ -62,6 +62,9 @@ def _unsupported(config: dict[str, Any]) -> str | None:
         if spec is None or spec["kind"] != kind:
             return f"{name} is not a packed {kind}"
         for fmt in spec.get("tiers", [spec]):
+            if fmt.get("layout") == "chunk-planes":
+                return (f"{name} is stored in format version 2's layout; re-create the directory to run it "
+                        "without PyTorch")
             if fmt.get("layout") != "planes" or not kernels.supports(
                     fmt["bits"], fmt["group_size"], spec["in_features"], fmt.get("zero_dtype", "uint8")):
                 return f"{name} is not in a kernel format of the plane layout"

@@ -20,7 +20,13 @@ from torch import nn
 
 from edgelm import kernels
 from edgelm.compress.quant.primitives import QuantScheme, dequantize, pack, unpack
-from edgelm.kernels.layout import CHUNK, ROW_BLOCK, from_planes, to_planes
+from edgelm.kernels.layout import (
+    CHUNK,
+    ROW_BLOCK,
+    from_chunk_planes,
+    from_planes,
+    to_planes,
+)
 
 # Up to this many tokens per call the fused kernels beat dequantize-then-matmul (which writes and reads a
 # float copy of the weight); prefill chunks take the batched path.
@@ -102,8 +108,9 @@ class PackedWeight(nn.Module):
         self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=torch.float16))
         self.register_buffer("zeros", torch.zeros(out_features, n_groups, dtype=zero_dtype))
         self.scale_gain: torch.Tensor | None = None  # trainable multiplier on the scales (distillation)
-        # How `packed` stores the codes: "dense" (row-wise bit packing) or "planes" (the kernels' layout,
-        # edgelm/kernels/layout.py). Both take exactly `bits` bits per code.
+        # How `packed` stores the codes: "dense" (row-wise bit packing), "planes" (the kernels' layout,
+        # edgelm/kernels/layout.py) or "chunk-planes" (format version 2's kernel layout, read from older
+        # directories and converted on first use). All take exactly `bits` bits per code.
         self.layout = "dense"
 
     @classmethod
@@ -129,10 +136,12 @@ class PackedWeight(nn.Module):
         packed = self.packed if rows is None else self.packed[rows]
         if self.layout == "planes":
             return from_planes(packed, self.scheme.bits, self.in_features)
+        if self.layout == "chunk-planes":
+            return from_chunk_planes(packed, self.scheme.bits, self.in_features)
         return unpack(packed, self.scheme.bits, self.in_features)
 
     def to_plane_layout(self) -> bool:
-        """Store the codes in the kernels' plane layout from now on, replacing the dense packing in place
+        """Store the codes in the kernels' plane layout from now on, replacing the other packing in place
         (a block of rows at a time: no second copy of the weight). False when the width does not allow it."""
         if self.layout == "planes":
             return True
@@ -140,9 +149,8 @@ class PackedWeight(nn.Module):
             return False
         planes = torch.empty_like(self.packed)  # the same bytes: both layouts take exactly `bits` per code
         for start in range(0, self.out_features, ROW_BLOCK):
-            block = self.packed[start:start + ROW_BLOCK]
-            planes[start:start + ROW_BLOCK] = to_planes(unpack(block, self.scheme.bits, self.in_features),
-                                                        self.scheme.bits)
+            rows = torch.arange(start, min(start + ROW_BLOCK, self.out_features))
+            planes[start:start + ROW_BLOCK] = to_planes(self.codes(rows), self.scheme.bits)
         self.packed = planes
         self.layout = "planes"
         self._kernel = None

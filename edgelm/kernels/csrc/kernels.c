@@ -241,6 +241,44 @@ static void decode_chunk_generic(const uint8_t *p, int bits, uint8_t *codes) {
     }
 }
 
+/* A full quad's 256 codes (32 * bits bytes at p) in natural order: its planes hold the quad's four
+ * transposed vectors (vector k, byte 16 q + 4 j + b = code 64 j + 16 q + 4 k + b; see the AVX-512 path). */
+static void decode_quad_generic(const uint8_t *p, int bits, uint8_t *codes) {
+    uint8_t v[256] = {0}; /* v[64 k + i]: byte i of transposed vector k */
+    if (bits == 8) {
+        memcpy(v, p, 256);
+    } else {
+        int shift = 0;
+        if (bits & 4) {
+            for (int h = 0; h < 2; h++)
+                for (int i = 0; i < 64; i++) {
+                    v[128 * h + i] = p[64 * h + i] & 15;
+                    v[128 * h + 64 + i] = p[64 * h + i] >> 4;
+                }
+            p += 128;
+            shift = 4;
+        }
+        if (bits & 2) {
+            for (int k = 0; k < 4; k++)
+                for (int i = 0; i < 64; i++) v[64 * k + i] |= ((p[i] >> (2 * k)) & 3) << shift;
+            p += 64;
+            shift += 2;
+        }
+        if (bits & 1)
+            for (int k = 0; k < 4; k++)
+                for (int i = 0; i < 64; i++) v[64 * k + i] |= ((p[8 * k + (i >> 3)] >> (i & 7)) & 1) << shift;
+    }
+    for (int k = 0; k < 4; k++)
+        for (int i = 0; i < 64; i++) codes[64 * ((i >> 2) & 3) + 16 * (i >> 4) + 4 * k + (i & 3)] = v[64 * k + i];
+}
+
+/* All codes of a row (cols / 64 chunks: full quads, then the chunks of a partial one) in natural order. */
+static void decode_row_generic(const uint8_t *q, int bits, int64_t cols, uint8_t *codes) {
+    const int64_t n_chunks = cols / 64, n_full = n_chunks / 4;
+    for (int64_t k = 0; k < n_full; k++) decode_quad_generic(q + k * 32 * bits, bits, codes + 256 * k);
+    for (int64_t c = 4 * n_full; c < n_chunks; c++) decode_chunk_generic(q + c * 8 * bits, bits, codes + 64 * c);
+}
+
 typedef struct {
     const ek_matrix *m;
     const int8_t *xq;     /* [T][cols] */
@@ -254,11 +292,11 @@ typedef struct {
 static void matvec_rows_generic(void *ctx, int64_t begin, int64_t end) {
     const matvec_job *job = ctx;
     const ek_matrix *m = job->m;
-    const int64_t cols = m->cols, n_chunks = cols / 64, n_groups = cols / m->group, row_bytes = cols * m->bits / 8;
+    const int64_t cols = m->cols, n_groups = cols / m->group, row_bytes = cols * m->bits / 8;
     const int64_t n_blocks = cols / 32, sub = m->group < 32 ? m->group : 32; /* codes sharing a scale and a dx */
-    uint8_t codes[64];
+    uint8_t codes[cols];
     for (int64_t r = begin; r < end; r++) {
-        const uint8_t *q = m->q + r * row_bytes;
+        decode_row_generic(m->q + r * row_bytes, m->bits, cols, codes);
         const uint16_t *sc = m->scales + r * n_groups;
         const uint8_t *zr = m->zeros ? m->zeros + r * n_groups : NULL;
         const uint16_t *zf = m->zeros_f16 ? m->zeros_f16 + r * n_groups : NULL;
@@ -267,18 +305,15 @@ static void matvec_rows_generic(void *ctx, int64_t begin, int64_t end) {
             const int8_t *xq = job->xq + t * cols;
             const float *dx = job->dx + t * n_blocks;
             float acc = 0.f;
-            for (int64_t c = 0; c < n_chunks; c++) {
-                decode_chunk_generic(q + c * m->bits * 8, m->bits, codes);
-                for (int64_t j0 = 0; j0 < 64; j0 += sub) {
-                    const int64_t col = c * 64 + j0, g = col / m->group;
-                    int32_t dot = 0, xsum = 0;
-                    for (int64_t j = 0; j < sub; j++) {
-                        dot += (int32_t)codes[j0 + j] * xq[col + j];
-                        xsum += xq[col + j];
-                    }
-                    const float zero = zr ? (float)zr[g] : half_to_float(zf[g]);
-                    acc += half_to_float(sc[g]) * dx[col / 32] * ((float)dot - zero * (float)xsum);
+            for (int64_t col = 0; col < cols; col += sub) {
+                const int64_t g = col / m->group;
+                int32_t dot = 0, xsum = 0;
+                for (int64_t j = 0; j < sub; j++) {
+                    dot += (int32_t)codes[col + j] * xq[col + j];
+                    xsum += xq[col + j];
                 }
+                const float zero = zr ? (float)zr[g] : half_to_float(zf[g]);
+                acc += half_to_float(sc[g]) * dx[col / 32] * ((float)dot - zero * (float)xsum);
             }
             job->y[t * job->out_stride + out] = acc;
         }
@@ -290,15 +325,16 @@ static void matvec_rows_generic(void *ctx, int64_t begin, int64_t end) {
 
 #ifdef EK_X86
 #define EK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
+#define EK_INLINE static inline __attribute__((always_inline)) /* the kernels' helpers: constants propagate, registers stay registers */
 
-EK_AVX512 static inline __m512i nibbles(const uint8_t *p) {
+EK_AVX512 EK_INLINE __m512i nibbles(const uint8_t *p) {
     const __m256i mask = _mm256_set1_epi8(0x0F);
     __m256i v = _mm256_loadu_si256((const __m256i *)p);
     __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
     return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
 }
 
-EK_AVX512 static inline __m512i crumbs(const uint8_t *p) {
+EK_AVX512 EK_INLINE __m512i crumbs(const uint8_t *p) {
     /* 128-bit lane k holds codes 16k..16k+15: the 16 bytes shifted right by 2k. */
     __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)p));
     const __m512i shifts = _mm512_set_epi64(6 * 0x0001000100010001LL, 6 * 0x0001000100010001LL,
@@ -307,14 +343,14 @@ EK_AVX512 static inline __m512i crumbs(const uint8_t *p) {
     return _mm512_and_si512(_mm512_srlv_epi16(v, shifts), _mm512_set1_epi8(3));
 }
 
-EK_AVX512 static inline __m512i bitplane(const uint8_t *p, int value) {
+EK_AVX512 EK_INLINE __m512i bitplane(const uint8_t *p, int value) {
     uint64_t m;
     memcpy(&m, p, 8);
     return _mm512_maskz_mov_epi8((__mmask64)m, _mm512_set1_epi8((char)value));
 }
 
 /* 64 codes of one chunk as unsigned bytes; `bits` is a compile-time constant at every call site. */
-EK_AVX512 static inline __m512i decode_chunk(const uint8_t *p, const int bits) {
+EK_AVX512 EK_INLINE __m512i decode_chunk(const uint8_t *p, const int bits) {
     switch (bits) {
     case 8: return _mm512_loadu_si512((const void *)p);
     case 4: return nibbles(p);
@@ -329,18 +365,14 @@ EK_AVX512 static inline __m512i decode_chunk(const uint8_t *p, const int bits) {
     }
 }
 
-#ifndef EK_PREFETCH_BYTES
-#define EK_PREFETCH_BYTES 2048
-#endif
-
 typedef struct {
     matvec_job base;
     const float *gsum;  /* [T][n_groups] activation sums per group, for fp16 zero points (else NULL) */
-    const int8_t *xt;   /* [T][n_quads * 256] activations in quad-transposed order (T > 1 only) */
+    const int8_t *xt;   /* [T][n_quads * 256] activations in quad-transposed order */
 } avx512_job;
 
 /* Lanes [0, min(left, 16)) of a 16-lane vector: the tail of a loop in steps of 16. */
-EK_AVX512 static inline __mmask16 first_lanes(int64_t left) {
+EK_AVX512 EK_INLINE __mmask16 first_lanes(int64_t left) {
     return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
 }
 
@@ -389,30 +421,26 @@ EK_AVX512 static inline __m512 zero_acc(const float *sz, const float *gsum, int6
     return acc;
 }
 
-EK_AVX512 static inline __m512 load_scales16(const uint16_t *sc, int64_t first, int64_t n_groups) {
+EK_AVX512 EK_INLINE __m512 load_scales16(const uint16_t *sc, int64_t first, int64_t n_groups) {
     int64_t left = n_groups - first;
     const __mmask16 k = first_lanes(left);
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, sc + first));
 }
 
-/* The integer dot products are combined four chunks (a "quad", 256 codes) at a time before the float
- * work: lane 4q + j of a quad vector stands for codes 16q .. 16q + 15 of the quad's chunk j, so one
- * convert and one multiply-add per quad replace one per chunk. */
-
-/* Quarter sums of four chunks' vpdpbusd results (each lane of those holds 4 codes): two unpack/add rounds. */
-EK_AVX512 static inline __m512i quad_sums(__m512i p0, __m512i p1, __m512i p2, __m512i p3) {
-    const __m512i t01 = _mm512_add_epi32(_mm512_unpacklo_epi32(p0, p1), _mm512_unpackhi_epi32(p0, p1));
-    const __m512i t23 = _mm512_add_epi32(_mm512_unpacklo_epi32(p2, p3), _mm512_unpackhi_epi32(p2, p3));
-    return _mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23), _mm512_unpackhi_epi64(t01, t23));
-}
+/* Rows are worked on four chunks (a "quad", 256 codes) at a time. A quad's codes are held as four
+ * "transposed" vectors: vector k, dword lane 4q + j = chunk j's dword 4q + k (4x4 dwords transposed within
+ * each 128-bit lane). Full quads are stored that way (layout.py); a row's last, partial quad is stored chunk
+ * by chunk and transposed here. The activations are transposed alike (quad_transpose_act, once per call),
+ * so four chained vpdpbusd leave in lane 4q + j the integer sum over codes 64j + 16q .. + 15, and one
+ * convert and one multiply-add per quad do the float work of 256 codes. */
 
 /* The first code of each lane's 16 within the quad: (lane & 3) * 64 + (lane >> 2) * 16. */
-EK_AVX512 static inline __m512i quad_positions(void) {
+EK_AVX512 EK_INLINE __m512i quad_positions(void) {
     return _mm512_set_epi32(240, 176, 112, 48, 224, 160, 96, 32, 208, 144, 80, 16, 192, 128, 64, 0);
 }
 
 /* A row's group scales for the quad starting at chunk c, per lane (groups of 16, 32 or 64 x 2^k). */
-EK_AVX512 static inline __m512 quad_scales(const uint16_t *sc, int64_t n_groups, int64_t c, int group_shift) {
+EK_AVX512 EK_INLINE __m512 quad_scales(const uint16_t *sc, int64_t n_groups, int64_t c, int group_shift) {
     const int64_t start = c * 64, first = start >> group_shift;
     const __m512i offset = _mm512_set1_epi32((int)(start - (first << group_shift)));
     const __m512i idx = _mm512_srlv_epi32(_mm512_add_epi32(quad_positions(), offset), _mm512_set1_epi32(group_shift));
@@ -420,45 +448,17 @@ EK_AVX512 static inline __m512 quad_scales(const uint16_t *sc, int64_t n_groups,
 }
 
 /* A token's activation scales (one per block of 32) for the quad starting at chunk c, per lane. */
-EK_AVX512 static inline __m512 quad_dx(const float *dx, int64_t n_blocks, int64_t c) {
+EK_AVX512 EK_INLINE __m512 quad_dx(const float *dx, int64_t n_blocks, int64_t c) {
     const int64_t left = n_blocks - 2 * c;
     const __mmask16 k = left >= 8 ? (__mmask16)0xFF : (__mmask16)((1u << left) - 1);
     const __m512i idx = _mm512_set_epi32(7, 5, 3, 1, 7, 5, 3, 1, 6, 4, 2, 0, 6, 4, 2, 0);
     return _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(k, dx + 2 * c));
 }
 
-/* Per lane: the integer dot of chunk c's unsigned codes with the int8 activations xq (0 past the row). */
-#define EK_CHUNK_INT(c)                                                                                      \
-    ((c) < n_chunks ? _mm512_dpbusd_epi32(_mm512_setzero_si512(), decode_chunk(q + (c) * kbits * 8, kbits),  \
-                                          _mm512_loadu_si512((const void *)(xq + (c) * 64)))                 \
-                    : _mm512_setzero_si512())
-
-/* One row against one token, chunks decoded in place. The tile path below does exactly the same
- * arithmetic per (row, token), so a batch matches single tokens bit for bit. */
-#define EK_ROW_DOT(result)                                                                                   \
-    do {                                                                                                     \
-        __m512 acc = _mm512_setzero_ps();                                                                    \
-        for (int64_t c = 0; c < n_chunks; c += 4) {                                                          \
-            const __m512i u = quad_sums(EK_CHUNK_INT(c), EK_CHUNK_INT(c + 1), EK_CHUNK_INT(c + 2), EK_CHUNK_INT(c + 3)); \
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(u),                                                     \
-                                  _mm512_mul_ps(dxq[c / 4], quad_scales(sc, n_groups, c, group_shift)), acc); \
-        }                                                                                                    \
-        result = _mm512_reduce_add_ps(acc);                                                                  \
-    } while (0)
-
-/* Several tokens: EK_TILE_ROWS rows are decoded once and every token runs against all of them. The codes of
- * each quad are kept transposed (4x4 dwords within each 128-bit lane: vector k, lane 4q + j = chunk j's
- * dword 4q + k), and so are the activations (once per call, see quad_transpose_act), so that four chained
- * vpdpbusd leave in lane 4q + j the integer sum over codes 64j + 16q .. + 15: exactly quad_sums' result,
- * without its shuffles per token. The float work that follows is the single-token path's, operation for
- * operation, so a batch matches single tokens bit for bit. */
-#define EK_TILE_ROWS 4   /* rows decoded once per tile */
-#define EK_TILE_TOKENS 4 /* tokens whose 4 x 4 accumulators are reduced together */
-
 /* The sums of the lanes of 16 vectors at once, each summed in exactly the order _mm512_reduce_add_ps uses
  * (halves, then quarters, then pairs, then the last two), so a tile's results match single tokens bit for
  * bit; lane 4 L + j of the result is the sum of a[4 j + L]. */
-EK_AVX512 static inline __m512 reduce16(const __m512 *a) {
+EK_AVX512 EK_INLINE __m512 reduce16(const __m512 *a) {
     __m512 b[8], c[4], d[2];
     for (int m = 0; m < 8; m++) /* lanes: a[2m]'s v[i] + v[i + 8] (i < 8), then a[2m + 1]'s */
         b[m] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * m], a[2 * m + 1], _MM_SHUFFLE(3, 2, 3, 2)),
@@ -475,8 +475,8 @@ EK_AVX512 static inline __m512 reduce16(const __m512 *a) {
                          _mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-
-EK_AVX512 static inline void transpose_quad(__m512i *out, __m512i c0, __m512i c1, __m512i c2, __m512i c3) {
+/* 4x4 dwords transposed within each 128-bit lane (its own inverse). */
+EK_AVX512 EK_INLINE void transpose_quad(__m512i *out, __m512i c0, __m512i c1, __m512i c2, __m512i c3) {
     const __m512i t0 = _mm512_unpacklo_epi32(c0, c1), t1 = _mm512_unpackhi_epi32(c0, c1);
     const __m512i t2 = _mm512_unpacklo_epi32(c2, c3), t3 = _mm512_unpackhi_epi32(c2, c3);
     out[0] = _mm512_unpacklo_epi64(t0, t2);
@@ -485,7 +485,7 @@ EK_AVX512 static inline void transpose_quad(__m512i *out, __m512i c0, __m512i c1
     out[3] = _mm512_unpackhi_epi64(t1, t3);
 }
 
-/* xq [T][cols] -> xt [T][n_quads * 256], each quad transposed as the tile path's codes (zeros past the row). */
+/* xq [T][cols] -> xt [T][n_quads * 256], each quad transposed as the codes are (zeros past the row). */
 EK_AVX512 static void quad_transpose_act(const int8_t *xq, int64_t n_tokens, int64_t cols, int8_t *xt) {
     const int64_t n_chunks = cols / 64, n_quads = (n_chunks + 3) / 4;
     for (int64_t t = 0; t < n_tokens; t++)
@@ -500,102 +500,295 @@ EK_AVX512 static void quad_transpose_act(const int8_t *xq, int64_t n_tokens, int
         }
 }
 
-/* One row's quad (transposed codes c[0..3]) against one token's transposed activations, added into acc. */
-EK_AVX512 static inline __m512 tile_quad(const __m512i *c, __m512i x0, __m512i x1, __m512i x2, __m512i x3, __m512 d,
-                                         __m512 scale, __m512 acc) {
-    __m512i u = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[0], x0);
-    u = _mm512_dpbusd_epi32(u, c[1], x1);
-    u = _mm512_dpbusd_epi32(u, c[2], x2);
-    u = _mm512_dpbusd_epi32(u, c[3], x3);
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(u), _mm512_mul_ps(d, scale), acc);
+/* The bits [from, from + width) of every byte of v moved to [to, to + width), the rest of each byte 0. The
+ * 16-bit shifts carry bits across bytes only into positions the mask clears. */
+EK_AVX512 EK_INLINE __m512i byte_field(__m512i v, int from, int to, int width) {
+    const __m512i shifted = from > to ? _mm512_srli_epi16(v, (unsigned)(from - to))
+                            : from < to ? _mm512_slli_epi16(v, (unsigned)(to - from)) : v;
+    return _mm512_and_si512(shifted, _mm512_set1_epi8((char)(((1 << width) - 1) << to)));
+}
+
+/* A full quad's four transposed vectors of codes from its planes (32 * bits bytes at p; layout.py): a nibble
+ * plane (two vectors of 64 bytes, low nibble = vector 2h, high = 2h + 1), then a crumb plane (one vector,
+ * bits 2k = vector k), then a bit plane (8 bytes per vector). `bits` is a compile-time constant. */
+EK_AVX512 EK_INLINE void decode_quad(const uint8_t *p, const int bits, __m512i *c) {
+    if (bits == 8) {
+        for (int k = 0; k < 4; k++) c[k] = _mm512_loadu_si512((const void *)(p + 64 * k));
+        return;
+    }
+    int shift = 0;
+    if (bits & 4) {
+        const __m512i v0 = _mm512_loadu_si512((const void *)p), v1 = _mm512_loadu_si512((const void *)(p + 64));
+        c[0] = byte_field(v0, 0, 0, 4);
+        c[1] = byte_field(v0, 4, 0, 4);
+        c[2] = byte_field(v1, 0, 0, 4);
+        c[3] = byte_field(v1, 4, 0, 4);
+        p += 128;
+        shift = 4;
+    }
+    if (bits & 2) {
+        const __m512i v = _mm512_loadu_si512((const void *)p);
+        for (int k = 0; k < 4; k++) {
+            const __m512i f = byte_field(v, 2 * k, shift, 2);
+            c[k] = shift ? _mm512_or_si512(c[k], f) : f;
+        }
+        p += 64;
+        shift += 2;
+    }
+    if (bits & 1) {
+        const __m512i one = _mm512_set1_epi8((char)(1 << shift));
+        for (int k = 0; k < 4; k++) {
+            uint64_t m;
+            memcpy(&m, p + 8 * k, 8);
+            c[k] = shift ? _mm512_mask_add_epi8(c[k], (__mmask64)m, c[k], one) : _mm512_maskz_mov_epi8((__mmask64)m, one);
+        }
+    }
+}
+
+/* Quad k of a row (q: the row's codes) as four transposed vectors. */
+EK_AVX512 EK_INLINE void row_quad(const uint8_t *q, const int bits, int64_t k, int64_t n_chunks, __m512i *c) {
+    if (4 * k + 4 <= n_chunks) {
+        decode_quad(q + k * 32 * bits, bits, c);
+        return;
+    }
+    __m512i ch[4];
+    for (int j = 0; j < 4; j++)
+        ch[j] = 4 * k + j < n_chunks ? decode_chunk(q + (4 * k + j) * 8 * bits, bits) : _mm512_setzero_si512();
+    transpose_quad(c, ch[0], ch[1], ch[2], ch[3]);
+}
+
+/* Per lane, the integer dot of a quad's transposed codes with one token's transposed activations. */
+EK_AVX512 EK_INLINE __m512i quad_dot(const __m512i *c, const int8_t *xt) {
+    __m512i u = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[0], _mm512_loadu_si512((const void *)xt));
+    u = _mm512_dpbusd_epi32(u, c[1], _mm512_loadu_si512((const void *)(xt + 64)));
+    u = _mm512_dpbusd_epi32(u, c[2], _mm512_loadu_si512((const void *)(xt + 128)));
+    return _mm512_dpbusd_epi32(u, c[3], _mm512_loadu_si512((const void *)(xt + 192)));
+}
+
+/* Every (row, token) pair below goes through the same operations in the same order: per quad
+ * acc += float(quad_dot) * (dx * scale), then the lanes summed in _mm512_reduce_add_ps' order, minus the
+ * zero-point term. So a result does not depend on how many tokens or rows were computed with it. */
+#define EK_TILE_ROWS 4   /* rows whose quads are decoded once for all the tile's tokens */
+#define EK_TILE_TOKENS 4 /* tokens whose 4 x 4 accumulators are reduced together */
+#ifndef EK_TILE_MAX_TOKENS
+#define EK_TILE_MAX_TOKENS 8 /* longer batches (prefill) decode each row once into a buffer instead */
+#endif
+#ifndef EK_PREFETCH_BYTES
+#define EK_PREFETCH_BYTES 8192 /* one row at a time: far enough ahead to hide DRAM latency */
+#endif
+#ifndef EK_TILE_PREFETCH_BYTES
+#define EK_TILE_PREFETCH_BYTES 3072 /* tiles compute longer per byte: further ahead, into L2 */
+#endif
+
+/* The activation scales of tokens [t0, t0 + n) per quad, laid out [t][n_quads]. */
+EK_AVX512 static inline void tokens_dx(const float *dx, int64_t n_blocks, int64_t n_quads, int64_t t0, int n,
+                                       __m512 *out) {
+    for (int t = 0; t < n; t++)
+        for (int64_t k = 0; k < n_quads; k++) out[t * n_quads + k] = quad_dx(dx + (t0 + t) * n_blocks, n_blocks, 4 * k);
+}
+
+/* Writes a tile's results (lane 4 i + t of y: row r0 + i, token t0 + t) after subtracting the zero-point
+ * terms (sz: the rows' s * z products, or NULL). */
+EK_AVX512 static inline void store_tile(const avx512_job *job, __m512 y, const float *sz, int64_t sz_stride,
+                                        int64_t n_groups, int64_t r0, int nr, int64_t t0, int nt) {
+    if (sz) {
+        __m512 zacc[EK_TILE_TOKENS * EK_TILE_ROWS];
+        for (int t = 0; t < EK_TILE_TOKENS; t++) {
+            const float *gs = job->gsum + (t0 + (t < nt ? t : 0)) * n_groups;
+            for (int i = 0; i < EK_TILE_ROWS; i++) zacc[4 * t + i] = zero_acc(sz + i * sz_stride, gs, n_groups);
+        }
+        y = _mm512_sub_ps(y, reduce16(zacc));
+    }
+    float out[16];
+    _mm512_storeu_ps(out, y);
+    for (int i = 0; i < nr; i++) {
+        const int64_t r = r0 + i, col = job->base.out_index ? job->base.out_index[r] : r;
+        for (int t = 0; t < nt; t++) job->base.y[(t0 + t) * job->base.out_stride + col] = out[4 * i + t];
+    }
+}
+
+/* The shapes every path below shares. */
+typedef struct {
+    int64_t cols, n_chunks, n_groups, n_blocks, n_quads, row_bytes, sz_stride;
+    int group_shift, has_zeros;
+    int64_t quad_groups;  /* groups per quad when a group is at most a quad (else 0) */
+    __mmask16 quad_mask;  /* their lanes */
+    __m512i scale_index;  /* lane -> group within the quad */
+} row_shape;
+
+EK_AVX512 EK_INLINE row_shape shape_of(const ek_matrix *m, int bits) {
+    const int64_t cols = m->cols, n_chunks = cols / 64, n_groups = cols / m->group;
+    const int shift = __builtin_ctz((unsigned)m->group);
+    const int64_t quad_groups = m->group <= 256 ? 256 >> shift : 0;
+    return (row_shape){cols, n_chunks, n_groups, cols / 32, (n_chunks + 3) / 4, cols * bits / 8,
+                       (n_groups + 15) & ~(int64_t)15, shift, m->zeros || m->zeros_f16, quad_groups,
+                       (__mmask16)((1u << quad_groups) - 1),
+                       _mm512_srlv_epi32(quad_positions(), _mm512_set1_epi32(shift))};
+}
+
+/* quad_scales for quad k, with what shape_of worked out once: one masked load, convert and permute. */
+EK_AVX512 EK_INLINE __m512 row_quad_scales(const uint16_t *sc, const row_shape *s, int64_t k) {
+    if (!s->quad_groups) return quad_scales(sc, s->n_groups, 4 * k, s->group_shift);
+    const __mmask16 mask = 4 * k + 4 <= s->n_chunks ? s->quad_mask : first_lanes(s->n_groups - k * s->quad_groups);
+    return _mm512_permutexvar_ps(s->scale_index,
+                                 _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, sc + k * s->quad_groups)));
+}
+
+EK_AVX512 static inline const uint8_t *row_zeros(const ek_matrix *m, int64_t r, int64_t n_groups) {
+    return m->zeros ? m->zeros + r * n_groups : NULL;
+}
+EK_AVX512 static inline const uint16_t *row_zeros_f16(const ek_matrix *m, int64_t r, int64_t n_groups) {
+    return m->zeros_f16 ? m->zeros_f16 + r * n_groups : NULL;
+}
+
+/* One token: a row at a time. */
+EK_AVX512 EK_INLINE void single_rows(const avx512_job *job, int64_t begin,
+                                                                        int64_t end, const int bits) {
+    const ek_matrix *m = job->base.m;
+    const row_shape s = shape_of(m, bits);
+    __m512 dq[s.n_quads];
+    tokens_dx(job->base.dx, s.n_blocks, s.n_quads, 0, 1, dq);
+    for (int64_t r = begin; r < end; r++) {
+        const uint8_t *q = m->q + r * s.row_bytes;
+        const uint16_t *sc = m->scales + r * s.n_groups;
+        for (int64_t off = 0; off < s.row_bytes; off += 64)
+            _mm_prefetch((const char *)(q + EK_PREFETCH_BYTES + off), _MM_HINT_T1);
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t k = 0; k < s.n_quads; k++) {
+            __m512i c[4];
+            row_quad(q, bits, k, s.n_chunks, c);
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(quad_dot(c, job->xt + k * 256)),
+                                  _mm512_mul_ps(dq[k], row_quad_scales(sc, &s, k)), acc);
+        }
+        job->base.y[job->base.out_index ? job->base.out_index[r] : r] =
+            _mm512_reduce_add_ps(acc) - zero_term(sc, row_zeros(m, r, s.n_groups), row_zeros_f16(m, r, s.n_groups),
+                                                  job->gsum, s.n_groups);
+    }
+}
+
+/* Tokens [t0, t0 + nt) (nt <= 4, a constant) against one tile of 4 rows: each quad of each row decoded into
+ * registers once for these tokens. */
+EK_AVX512 EK_INLINE void tile_group(const avx512_job *job, const row_shape *s, const uint8_t *const *q,
+                                    const uint16_t *const *sc, const float *sz, const __m512 *dq, int64_t r0, int nr,
+                                    int64_t t0, const int bits, const int nt, const int prefetch) {
+    __m512 acc[EK_TILE_TOKENS * EK_TILE_ROWS]; /* acc[4 t + i]: row i, token t0 + t */
+    _Pragma("GCC unroll 16") /* unrolled whole: the accumulators stay in registers */
+    for (int a = 0; a < EK_TILE_TOKENS * EK_TILE_ROWS; a++) acc[a] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < s->n_quads; k++) {
+        _Pragma("GCC unroll 4")
+        for (int i = 0; i < EK_TILE_ROWS; i++) {
+            if (prefetch)
+                for (int64_t off = 0; off < 32 * bits; off += 64)
+                    _mm_prefetch((const char *)(q[i] + k * 32 * bits + EK_TILE_PREFETCH_BYTES + off), _MM_HINT_T1);
+            __m512i c[4];
+            row_quad(q[i], bits, k, s->n_chunks, c);
+            const __m512 scale = row_quad_scales(sc[i], s, k);
+            _Pragma("GCC unroll 4")
+            for (int t = 0; t < nt; t++)
+                acc[4 * t + i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(quad_dot(c, job->xt + ((t0 + t) * s->n_quads + k) * 256)),
+                                                 _mm512_mul_ps(dq[(t0 + t) * s->n_quads + k], scale), acc[4 * t + i]);
+        }
+    }
+    store_tile(job, reduce16(acc), s->has_zeros ? sz : NULL, s->sz_stride, s->n_groups, r0, nr, t0, nt);
+}
+
+/* 2..8 tokens (speculative verification): tiles of 4 rows, the tokens in groups of up to 4, each group
+ * decoding the tile's rows into registers again (from L1 after the first: the weights are read once). */
+EK_AVX512 EK_INLINE void tile_rows(const avx512_job *job, int64_t begin, int64_t end, const int bits) {
+    const ek_matrix *m = job->base.m;
+    const row_shape s = shape_of(m, bits);
+    const int64_t T = job->base.n_tokens;
+    __m512 dq[T * s.n_quads];
+    tokens_dx(job->base.dx, s.n_blocks, s.n_quads, 0, (int)T, dq);
+    float sz[EK_TILE_ROWS * s.sz_stride];
+    for (int64_t r0 = begin; r0 < end; r0 += EK_TILE_ROWS) {
+        const int nr = end - r0 < EK_TILE_ROWS ? (int)(end - r0) : EK_TILE_ROWS;
+        const uint8_t *q[EK_TILE_ROWS];
+        const uint16_t *sc[EK_TILE_ROWS];
+        for (int i = 0; i < EK_TILE_ROWS; i++) { /* a short tile repeats its first row */
+            const int64_t r = r0 + (i < nr ? i : 0);
+            q[i] = m->q + r * s.row_bytes;
+            sc[i] = m->scales + r * s.n_groups;
+            if (s.has_zeros)
+                scaled_zeros(sc[i], row_zeros(m, r, s.n_groups), row_zeros_f16(m, r, s.n_groups), s.n_groups,
+                             sz + i * s.sz_stride);
+        }
+        int64_t t0 = 0;
+        if (T >= 4) {
+            tile_group(job, &s, q, sc, sz, dq, r0, nr, 0, bits, 4, 1);
+            for (t0 = 4; t0 + 4 <= T; t0 += 4) tile_group(job, &s, q, sc, sz, dq, r0, nr, t0, bits, 4, 0);
+        }
+        switch (T - t0) { /* the rest, fewer than 4 */
+        case 1: tile_group(job, &s, q, sc, sz, dq, r0, nr, t0, bits, 1, t0 == 0); break;
+        case 2: tile_group(job, &s, q, sc, sz, dq, r0, nr, t0, bits, 2, t0 == 0); break;
+        case 3: tile_group(job, &s, q, sc, sz, dq, r0, nr, t0, bits, 3, t0 == 0); break;
+        default: break;
+        }
+    }
+}
+
+/* More tokens (prefill): a tile's rows are decoded once into a buffer, then every group of 4 tokens runs
+ * against them (the activations of a token held in registers, the codes read from the buffer). */
+EK_AVX512 EK_INLINE void buffered_rows(const avx512_job *job, int64_t begin,
+                                                                          int64_t end, const int bits) {
+    const ek_matrix *m = job->base.m;
+    const row_shape s = shape_of(m, bits);
+    const int64_t T = job->base.n_tokens;
+    __m512i codes[EK_TILE_ROWS][4 * s.n_quads];
+    __m512 scales[EK_TILE_ROWS][s.n_quads];
+    float sz[EK_TILE_ROWS * s.sz_stride];
+    for (int64_t r0 = begin; r0 < end; r0 += EK_TILE_ROWS) {
+        const int nr = end - r0 < EK_TILE_ROWS ? (int)(end - r0) : EK_TILE_ROWS;
+        for (int i = 0; i < EK_TILE_ROWS; i++) { /* a short tile repeats its first row */
+            const int64_t r = r0 + (i < nr ? i : 0);
+            const uint8_t *q = m->q + r * s.row_bytes;
+            const uint16_t *sc = m->scales + r * s.n_groups;
+            for (int64_t k = 0; k < s.n_quads; k++) {
+                row_quad(q, bits, k, s.n_chunks, &codes[i][4 * k]);
+                scales[i][k] = row_quad_scales(sc, &s, k);
+            }
+            if (s.has_zeros)
+                scaled_zeros(sc, row_zeros(m, r, s.n_groups), row_zeros_f16(m, r, s.n_groups), s.n_groups,
+                             sz + i * s.sz_stride);
+        }
+        for (int64_t t0 = 0; t0 < T; t0 += EK_TILE_TOKENS) {
+            const int nt = T - t0 < EK_TILE_TOKENS ? (int)(T - t0) : EK_TILE_TOKENS;
+            __m512 acc[EK_TILE_TOKENS * EK_TILE_ROWS]; /* acc[4 t + i]: row i, token t0 + t */
+            _Pragma("GCC unroll 16")
+            for (int a = 0; a < EK_TILE_TOKENS * EK_TILE_ROWS; a++) acc[a] = _mm512_setzero_ps();
+            for (int64_t k = 0; k < s.n_quads; k++) {
+                _Pragma("GCC unroll 4")
+                for (int t = 0; t < EK_TILE_TOKENS; t++) { /* a short tile repeats its first token */
+                    const int64_t tt = t0 + (t < nt ? t : 0);
+                    const int8_t *xt = job->xt + (tt * s.n_quads + k) * 256;
+                    const __m512i x0 = _mm512_loadu_si512((const void *)xt);
+                    const __m512i x1 = _mm512_loadu_si512((const void *)(xt + 64));
+                    const __m512i x2 = _mm512_loadu_si512((const void *)(xt + 128));
+                    const __m512i x3 = _mm512_loadu_si512((const void *)(xt + 192));
+                    const __m512 d = quad_dx(job->base.dx + tt * s.n_blocks, s.n_blocks, 4 * k);
+                    _Pragma("GCC unroll 4")
+                    for (int i = 0; i < EK_TILE_ROWS; i++) {
+                        const __m512i *c = &codes[i][4 * k];
+                        __m512i u = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[0], x0);
+                        u = _mm512_dpbusd_epi32(u, c[1], x1);
+                        u = _mm512_dpbusd_epi32(u, c[2], x2);
+                        u = _mm512_dpbusd_epi32(u, c[3], x3);
+                        acc[4 * t + i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(u), _mm512_mul_ps(d, scales[i][k]),
+                                                         acc[4 * t + i]);
+                    }
+                }
+            }
+            store_tile(job, reduce16(acc), s.has_zeros ? sz : NULL, s.sz_stride, s.n_groups, r0, nr, t0, nt);
+        }
+    }
 }
 
 #define EK_ROW_KERNEL(BITS)                                                                                  \
     EK_AVX512 static void matvec_rows_avx512_##BITS(void *ctx, int64_t begin, int64_t end) {                  \
         const avx512_job *job = ctx;                                                                         \
-        const ek_matrix *m = job->base.m;                                                                    \
-        const int64_t cols = m->cols, n_chunks = cols / 64, n_groups = cols / m->group, n_blocks = cols / 32; \
-        const int64_t n_quads = (n_chunks + 3) / 4, row_bytes = cols * BITS / 8;                             \
-        const int64_t T = job->base.n_tokens, stride = job->base.out_stride;                                 \
-        const int kbits = BITS; /* for the macros expanded inside this one */                                \
-        const int group_shift = __builtin_ctz((unsigned)m->group);                                           \
-        if (T == 1) {                                                                                        \
-            const int8_t *xq = job->base.xq;                                                                 \
-            __m512 dxq[n_quads]; /* the activation scales per lane, shared by every row */                   \
-            for (int64_t k = 0; k < n_quads; k++) dxq[k] = quad_dx(job->base.dx, n_blocks, 4 * k);          \
-            for (int64_t r = begin; r < end; r++) {                                                          \
-                const uint8_t *q = m->q + r * row_bytes;                                                     \
-                const uint16_t *sc = m->scales + r * n_groups;                                               \
-                for (int64_t off = 0; off < row_bytes; off += 64) /* far enough ahead to hide DRAM latency */\
-                    _mm_prefetch((const char *)(q + EK_PREFETCH_BYTES + off), _MM_HINT_T0);                  \
-                float y;                                                                                     \
-                EK_ROW_DOT(y);                                                                               \
-                job->base.y[job->base.out_index ? job->base.out_index[r] : r] =                              \
-                    y - zero_term(sc, m->zeros ? m->zeros + r * n_groups : NULL,                             \
-                                  m->zeros_f16 ? m->zeros_f16 + r * n_groups : NULL, job->gsum, n_groups);   \
-            }                                                                                                \
-            return;                                                                                          \
-        }                                                                                                    \
-        __m512i codes[EK_TILE_ROWS][4 * n_quads]; /* transposed per quad */                             \
-        __m512 scales[EK_TILE_ROWS][n_quads];                                                                \
-        float sz[EK_TILE_ROWS][(n_groups + 15) & ~(int64_t)15];                                              \
-        const int has_zeros = m->zeros || m->zeros_f16;                                                      \
-        for (int64_t r0 = begin; r0 < end; r0 += EK_TILE_ROWS) {                                             \
-            const int nr = end - r0 < EK_TILE_ROWS ? (int)(end - r0) : EK_TILE_ROWS;                         \
-            for (int i = 0; i < EK_TILE_ROWS; i++) { /* a short tile repeats its first row */                \
-                const int64_t r = r0 + (i < nr ? i : 0);                                                     \
-                const uint8_t *q = m->q + r * row_bytes;                                                     \
-                const uint16_t *sc = m->scales + r * n_groups;                                               \
-                for (int64_t k = 0; k < n_quads; k++) {                                                      \
-                    __m512i c[4];                                                                            \
-                    for (int j = 0; j < 4; j++)                                                              \
-                        c[j] = 4 * k + j < n_chunks ? decode_chunk(q + (4 * k + j) * BITS * 8, BITS)         \
-                                                    : _mm512_setzero_si512();                                \
-                    transpose_quad(&codes[i][4 * k], c[0], c[1], c[2], c[3]);                                \
-                    scales[i][k] = quad_scales(sc, n_groups, 4 * k, group_shift);                            \
-                }                                                                                            \
-                if (has_zeros)                                                                               \
-                    scaled_zeros(sc, m->zeros ? m->zeros + r * n_groups : NULL,                              \
-                                 m->zeros_f16 ? m->zeros_f16 + r * n_groups : NULL, n_groups, sz[i]);        \
-            }                                                                                                \
-            for (int64_t t0 = 0; t0 < T; t0 += EK_TILE_TOKENS) {                                             \
-                const int nt = T - t0 < EK_TILE_TOKENS ? (int)(T - t0) : EK_TILE_TOKENS;                     \
-                __m512 acc[EK_TILE_TOKENS * EK_TILE_ROWS]; /* acc[4 t + i]: row i, token t0 + t */          \
-                _Pragma("GCC unroll 16") /* unrolled whole: the 16 accumulators stay in registers */         \
-                for (int a = 0; a < EK_TILE_TOKENS * EK_TILE_ROWS; a++) acc[a] = _mm512_setzero_ps();        \
-                for (int64_t k = 0; k < n_quads; k++) {                                                      \
-                    _Pragma("GCC unroll 4")                                                                  \
-                    for (int t = 0; t < EK_TILE_TOKENS; t++) { /* a short tile repeats its first token */    \
-                        const int64_t tt = t0 + (t < nt ? t : 0);                                            \
-                        const int8_t *xt = job->xt + (tt * n_quads + k) * 256;                               \
-                        const __m512i x0 = _mm512_loadu_si512((const void *)xt);                             \
-                        const __m512i x1 = _mm512_loadu_si512((const void *)(xt + 64));                      \
-                        const __m512i x2 = _mm512_loadu_si512((const void *)(xt + 128));                     \
-                        const __m512i x3 = _mm512_loadu_si512((const void *)(xt + 192));                     \
-                        const __m512 d = quad_dx(job->base.dx + tt * n_blocks, n_blocks, 4 * k);             \
-                        _Pragma("GCC unroll 4")                                                              \
-                        for (int i = 0; i < EK_TILE_ROWS; i++)                                               \
-                            acc[4 * t + i] = tile_quad(&codes[i][4 * k], x0, x1, x2, x3, d, scales[i][k],   \
-                                                       acc[4 * t + i]);                                      \
-                    }                                                                                        \
-                }                                                                                            \
-                __m512 y = reduce16(acc); /* lane 4 i + t: row i, token t0 + t */                           \
-                if (has_zeros) {                                                                             \
-                    __m512 zacc[EK_TILE_TOKENS * EK_TILE_ROWS];                                              \
-                    for (int t = 0; t < EK_TILE_TOKENS; t++) {                                               \
-                        const float *gs = job->gsum + (t0 + (t < nt ? t : 0)) * n_groups;                    \
-                        for (int i = 0; i < EK_TILE_ROWS; i++) zacc[4 * t + i] = zero_acc(sz[i], gs, n_groups); \
-                    }                                                                                        \
-                    y = _mm512_sub_ps(y, reduce16(zacc));                                                    \
-                }                                                                                            \
-                float out[16];                                                                               \
-                _mm512_storeu_ps(out, y);                                                                    \
-                for (int i = 0; i < nr; i++) {                                                               \
-                    const int64_t r = r0 + i, col = job->base.out_index ? job->base.out_index[r] : r;        \
-                    for (int t = 0; t < nt; t++) job->base.y[(t0 + t) * stride + col] = out[4 * i + t];      \
-                }                                                                                            \
-            }                                                                                                \
-        }                                                                                                    \
+        if (job->base.n_tokens == 1) single_rows(job, begin, end, BITS);                                     \
+        else if (job->base.n_tokens <= EK_TILE_MAX_TOKENS) tile_rows(job, begin, end, BITS);                 \
+        else buffered_rows(job, begin, end, BITS);                                                           \
     }
 
 EK_ROW_KERNEL(1)
@@ -621,7 +814,7 @@ typedef struct {
     int64_t n_tokens, cols;
     const int8_t *xq;
     const float *dx, *bsum;
-    const int8_t *xt; /* the AVX-512 tile path's transposed copy of xq (T > 1; set by matvec_stacked) */
+    const int8_t *xt; /* the AVX-512 path's transposed copy of xq (set by matvec_stacked) */
 } prepared_act;
 
 static int supported(const ek_matrix *m, int64_t cols) {
@@ -711,7 +904,7 @@ static int matvec_stacked(const ek_matrix *const *ms, float *const *ys, const in
     }
     int8_t *xt = NULL;
 #ifdef EK_X86
-    if (pa->n_tokens > 1 && ek_cpu_level() >= EK_AVX512_VNNI) {
+    if (ek_cpu_level() >= EK_AVX512_VNNI) {
         const int64_t quads = (pa->cols / 64 + 3) / 4;
         if (!(xt = malloc((size_t)(pa->n_tokens * quads * 256)))) return -2;
         quad_transpose_act(pa->xq, pa->n_tokens, pa->cols, xt);
@@ -786,35 +979,35 @@ typedef struct {
 static void dequant_rows_generic(const dequant_job *job, int64_t begin, int64_t end) {
     const ek_matrix *m = job->m;
     const int64_t cols = m->cols, n_groups = cols / m->group, row_bytes = cols * m->bits / 8;
-    uint8_t codes[64];
+    uint8_t codes[cols];
     for (int64_t r = begin; r < end; r++) {
         const int64_t src = job->first + r;
-        for (int64_t c = 0; c < cols / 64; c++) {
-            decode_chunk_generic(m->q + src * row_bytes + c * m->bits * 8, m->bits, codes);
-            for (int j = 0; j < 64; j++) {
-                const int64_t col = c * 64 + j, g = src * n_groups + col / m->group;
-                const float zero = m->zeros ? (float)m->zeros[g] : m->zeros_f16 ? half_to_float(m->zeros_f16[g]) : 0.f;
-                const float w = half_to_float(m->scales[g]) * ((float)codes[j] - zero);
-                if (job->bf16) ((uint16_t *)job->out)[r * job->ld + col] = float_to_bf16(w);
-                else ((float *)job->out)[r * job->ld + col] = w;
-            }
+        decode_row_generic(m->q + src * row_bytes, m->bits, cols, codes);
+        for (int64_t col = 0; col < cols; col++) {
+            const int64_t g = src * n_groups + col / m->group;
+            const float zero = m->zeros ? (float)m->zeros[g] : m->zeros_f16 ? half_to_float(m->zeros_f16[g]) : 0.f;
+            const float w = half_to_float(m->scales[g]) * ((float)codes[col] - zero);
+            if (job->bf16) ((uint16_t *)job->out)[r * job->ld + col] = float_to_bf16(w);
+            else ((float *)job->out)[r * job->ld + col] = w;
         }
     }
 }
 
 #ifdef EK_X86
-/* The 64 codes of chunk c of a row (a switch on the bit width, so each decode is specialized). */
-EK_AVX512 static inline __m512i row_chunk(const uint8_t *q, int bits, int64_t c) {
+/* The four natural-order chunks of quad k of a row (a switch on the bit width, so each decode is specialized). */
+EK_AVX512 static inline void quad_chunks(const uint8_t *q, int bits, int64_t k, int64_t n_chunks, __m512i *out) {
+    __m512i c[4];
     switch (bits) {
-    case 1: return decode_chunk(q + c * 8, 1);
-    case 2: return decode_chunk(q + c * 16, 2);
-    case 3: return decode_chunk(q + c * 24, 3);
-    case 4: return decode_chunk(q + c * 32, 4);
-    case 5: return decode_chunk(q + c * 40, 5);
-    case 6: return decode_chunk(q + c * 48, 6);
-    case 7: return decode_chunk(q + c * 56, 7);
-    default: return decode_chunk(q + c * 64, 8);
+    case 1: row_quad(q, 1, k, n_chunks, c); break;
+    case 2: row_quad(q, 2, k, n_chunks, c); break;
+    case 3: row_quad(q, 3, k, n_chunks, c); break;
+    case 4: row_quad(q, 4, k, n_chunks, c); break;
+    case 5: row_quad(q, 5, k, n_chunks, c); break;
+    case 6: row_quad(q, 6, k, n_chunks, c); break;
+    case 7: row_quad(q, 7, k, n_chunks, c); break;
+    default: row_quad(q, 8, k, n_chunks, c);
     }
+    transpose_quad(out, c[0], c[1], c[2], c[3]);
 }
 
 /* Weights of 16 columns of a row starting at column `col` (16 codes in `lane`): s * (code - z), exactly as
@@ -833,8 +1026,10 @@ EK_AVX512 static inline __m512 dequant16(const ek_matrix *m, int64_t row, int64_
         for (int64_t r = begin; r < end; r++) {                                                              \
             const int64_t src = job->first + r;                                                              \
             const uint8_t *q = m->q + src * row_bytes;                                                       \
+            __m512i chunks[4];                                                                               \
             for (int64_t c = 0; c < cols / 64; c++) {                                                        \
-                const __m512i codes = row_chunk(q, m->bits, c);                                              \
+                if (c % 4 == 0) quad_chunks(q, m->bits, c / 4, cols / 64, chunks);                          \
+                const __m512i codes = chunks[c % 4];                                                         \
                 const int64_t col = c * 64;                                                                  \
                 const __m512 w0 = dequant16(m, src, col, _mm512_extracti32x4_epi32(codes, 0));               \
                 const __m512 w1 = dequant16(m, src, col + 16, _mm512_extracti32x4_epi32(codes, 1));          \
