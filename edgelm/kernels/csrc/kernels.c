@@ -1,11 +1,14 @@
 /* edgelm's CPU kernels: fused dequantize-and-dot over packed low-bit weights.
  *
- * Weights are in the "plane" layout (edgelm/kernels/layout.py): each row is cut into chunks of 64 codes and
- * each chunk stores its b-bit codes as bit planes of 4, 2 and 1 bits (b = 4+2+1 at most, 8 = raw bytes):
- *   nibble plane (32 B): byte j = code j (low nibble) | code j+32 (high nibble)
- *   crumb plane  (16 B): byte j = codes j, j+16, j+32, j+48 at bits 0, 2, 4, 6
- *   bit plane     (8 B): bit i of a little-endian uint64 = code i
- * so that a whole chunk decodes to 64 unsigned bytes with a few shifts and masks in registers. Every group
+ * Weights are in the "plane" layout (edgelm/kernels/layout.py): b-bit codes stored as bit planes of 4, 2 and
+ * 1 bits (b = 4+2+1 at most, 8 = raw bytes), a row going by quads of 256 codes. A full quad holds the four
+ * "transposed" vectors the VNNI dot product consumes (vector k, byte 16q + 4j + b = code 64j + 16q + 4k + b):
+ *   nibble plane (128 B): byte 64h + i = vector 2h's byte i (low nibble) | vector 2h+1's (high nibble)
+ *   crumb plane   (64 B): byte i = vectors 0..3's byte i at bits 0, 2, 4, 6
+ *   bit plane     (32 B): bit i of the little-endian uint64 at byte 8k = vector k's byte i
+ * and the chunks of a partial last quad are stored chunk by chunk (64 codes: a 32 B nibble plane with code j
+ * low and j+32 high, a 16 B crumb plane with codes j, j+16, j+32, j+48, an 8 B bit plane), so that either
+ * decodes to unsigned bytes with a few shifts and masks in registers. Every group
  * of `group` codes (16, or a multiple of 32) has an fp16 scale s and a zero point z (uint8, or fp16 for
  * ggml Q4_K's mins): w = s * (code - z).
  *
