@@ -103,13 +103,19 @@ def test_codes_are_stored_in_the_kernels_layout_and_older_directories_still_load
 
     ids = torch.randint(3, model.args.vocab_size, (1, 12))
 
+    stored = load_file(out / "model.safetensors")
+
+    def save_codes_as(pack_as):
+        """The directory's weights again, every packed weight stored as pack_as(codes, bits)."""
+        state = dict(stored)
+        for name, spec in config["quantized_modules"].items():
+            if spec.get("layout") == "planes":
+                key = f"{name}.weight_q.packed"
+                state[key] = pack_as(from_planes(stored[key], spec["bits"], spec["in_features"]), spec["bits"])
+        save_file(state, out / "model.safetensors")
+
     # the same directory as version 2 wrote it: each row's planes chunk by chunk
-    state = load_file(out / "model.safetensors")
-    for name, spec in config["quantized_modules"].items():
-        if spec.get("layout") == "planes":
-            key = f"{name}.weight_q.packed"
-            state[key] = to_chunk_planes(from_planes(state[key], spec["bits"], spec["in_features"]), spec["bits"])
-    save_file(state, out / "model.safetensors")
+    save_codes_as(to_chunk_planes)
     (out / CONFIG).write_text(json.dumps({**config, "format_version": 2}))
     v2, _ = load_artifact(out)
     assert v2.layers[0].attn.wq.weight_q.layout == "chunk-planes"
@@ -118,14 +124,10 @@ def test_codes_are_stored_in_the_kernels_layout_and_older_directories_still_load
 
     # and as version 1 wrote it: dense row-wise packing, no layout keys
     from edgelm.compress.quant.primitives import pack
-    from edgelm.kernels.layout import from_chunk_planes
 
-    for name, spec in config["quantized_modules"].items():
-        if spec.get("layout") == "planes":
-            key = f"{name}.weight_q.packed"
-            state[key] = pack(from_chunk_planes(state[key], spec["bits"], spec["in_features"]), spec["bits"])
-            del spec["layout"]
-    save_file(state, out / "model.safetensors")
+    save_codes_as(pack)
+    for spec in config["quantized_modules"].values():
+        spec.pop("layout", None)
     (out / CONFIG).write_text(json.dumps({**config, "format_version": 1}))
     old, _ = load_artifact(out)
     assert old.layers[0].attn.wq.weight_q.layout == "dense"

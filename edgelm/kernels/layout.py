@@ -62,10 +62,10 @@ def to_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if cols % CHUNK:
         raise ValueError(f"{cols} columns are not a multiple of {CHUNK}")
     out = torch.empty(rows, cols * bits // 8, dtype=torch.uint8)
+    full = cols // QUAD * QUAD  # the full quads' codes; the rest goes chunk by chunk
     for start in range(0, rows, ROW_BLOCK):
         block = codes[start:start + ROW_BLOCK]
-        full = cols // QUAD * QUAD
-        parts = [_quads_to_planes(block[:, :full], bits), _chunks_to_planes(block[:, full:], bits)]
+        parts = [_quads_to_planes(block[:, :full], bits), to_chunk_planes(block[:, full:], bits)]
         out[start:start + ROW_BLOCK] = torch.cat(parts, dim=-1)
     return out
 
@@ -77,17 +77,7 @@ def from_planes(data: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     full = cols // QUAD * QUAD
     split = full * bits // 8
     return torch.cat([_quads_from_planes(data[:, :split], bits, full),
-                      _chunks_from_planes(data[:, split:], bits, cols - full)], dim=-1)
-
-
-def to_chunk_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Whole rows in the chunk layout, as format version 2 stored them (for tests of reading those)."""
-    return _chunks_to_planes(codes, bits)
-
-
-def from_chunk_planes(data: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
-    """Codes [rows, cols] from whole rows in the chunk layout (model directories of format version 2)."""
-    return _chunks_from_planes(data, bits, cols)
+                      from_chunk_planes(data[:, split:], bits, cols - full)], dim=-1)
 
 
 def _quads_to_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -138,7 +128,8 @@ def _quads_from_planes(data: torch.Tensor, bits: int, cols: int) -> torch.Tensor
     return codes.reshape(rows, cols).to(torch.uint8)
 
 
-def _chunks_to_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+def to_chunk_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Rows in the chunk layout: a row's partial last quad, or whole rows as format version 2 stored them."""
     import torch
 
     rows, cols = codes.shape
@@ -160,7 +151,8 @@ def _chunks_to_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.cat(parts, dim=-1).reshape(rows, cols * bits // 8)
 
 
-def _chunks_from_planes(data: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+def from_chunk_planes(data: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """Codes [rows, cols] from rows in the chunk layout (to_chunk_planes' inverse)."""
     import torch
 
     rows = data.shape[0]

@@ -560,16 +560,26 @@ EK_AVX512 EK_INLINE void row_quad(const uint8_t *q, const int bits, int64_t k, i
     transpose_quad(c, ch[0], ch[1], ch[2], ch[3]);
 }
 
-/* Per lane, the integer dot of a quad's transposed codes with one token's transposed activations. */
-EK_AVX512 EK_INLINE __m512i quad_dot(const __m512i *c, const int8_t *xt) {
-    __m512i u = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[0], _mm512_loadu_si512((const void *)xt));
-    u = _mm512_dpbusd_epi32(u, c[1], _mm512_loadu_si512((const void *)(xt + 64)));
-    u = _mm512_dpbusd_epi32(u, c[2], _mm512_loadu_si512((const void *)(xt + 128)));
-    return _mm512_dpbusd_epi32(u, c[3], _mm512_loadu_si512((const void *)(xt + 192)));
+/* One quad of one (row, token) pair, the only place its arithmetic is written: the integer dot of the
+ * quad's transposed codes c with the token's transposed activations x (per lane), then
+ * acc + float(dot) * (dx * scale). */
+EK_AVX512 EK_INLINE __m512 quad_step(const __m512i *c, __m512i x0, __m512i x1, __m512i x2, __m512i x3, __m512 dx,
+                                     __m512 scale, __m512 acc) {
+    __m512i u = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[0], x0);
+    u = _mm512_dpbusd_epi32(u, c[1], x1);
+    u = _mm512_dpbusd_epi32(u, c[2], x2);
+    u = _mm512_dpbusd_epi32(u, c[3], x3);
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(u), _mm512_mul_ps(dx, scale), acc);
 }
 
-/* Every (row, token) pair below goes through the same operations in the same order: per quad
- * acc += float(quad_dot) * (dx * scale), then the lanes summed in _mm512_reduce_add_ps' order, minus the
+/* quad_step with the token's activations read from xt (a quad's 256 transposed values). */
+EK_AVX512 EK_INLINE __m512 quad_step_at(const __m512i *c, const int8_t *xt, __m512 dx, __m512 scale, __m512 acc) {
+    return quad_step(c, _mm512_loadu_si512((const void *)xt), _mm512_loadu_si512((const void *)(xt + 64)),
+                     _mm512_loadu_si512((const void *)(xt + 128)), _mm512_loadu_si512((const void *)(xt + 192)),
+                     dx, scale, acc);
+}
+
+/* Every (row, token) pair below goes through the same operations in the same order: quad_step per quad, then the lanes summed in _mm512_reduce_add_ps' order, minus the
  * zero-point term. So a result does not depend on how many tokens or rows were computed with it. */
 #define EK_TILE_ROWS 4   /* rows whose quads are decoded once for all the tile's tokens */
 #define EK_TILE_TOKENS 4 /* tokens whose 4 x 4 accumulators are reduced together */
@@ -577,10 +587,10 @@ EK_AVX512 EK_INLINE __m512i quad_dot(const __m512i *c, const int8_t *xt) {
 #define EK_TILE_MAX_TOKENS 8 /* longer batches (prefill) decode each row once into a buffer instead */
 #endif
 #ifndef EK_PREFETCH_BYTES
-#define EK_PREFETCH_BYTES 8192 /* one row at a time: far enough ahead to hide DRAM latency */
+#define EK_PREFETCH_BYTES 8192 /* one token, row by row: into L2, far enough ahead to hide DRAM latency */
 #endif
 #ifndef EK_TILE_PREFETCH_BYTES
-#define EK_TILE_PREFETCH_BYTES 3072 /* tiles compute longer per byte: further ahead, into L2 */
+#define EK_TILE_PREFETCH_BYTES 3072 /* tiles, quad by quad, into L2 (3 to 12 KB ahead measured alike) */
 #endif
 
 /* The activation scales of tokens [t0, t0 + n) per quad, laid out [t][n_quads]. */
@@ -614,27 +624,12 @@ EK_AVX512 static inline void store_tile(const avx512_job *job, __m512 y, const f
 typedef struct {
     int64_t cols, n_chunks, n_groups, n_blocks, n_quads, row_bytes, sz_stride;
     int group_shift, has_zeros;
-    int64_t quad_groups;  /* groups per quad when a group is at most a quad (else 0) */
-    __mmask16 quad_mask;  /* their lanes */
-    __m512i scale_index;  /* lane -> group within the quad */
 } row_shape;
 
 EK_AVX512 EK_INLINE row_shape shape_of(const ek_matrix *m, int bits) {
     const int64_t cols = m->cols, n_chunks = cols / 64, n_groups = cols / m->group;
-    const int shift = __builtin_ctz((unsigned)m->group);
-    const int64_t quad_groups = m->group <= 256 ? 256 >> shift : 0;
     return (row_shape){cols, n_chunks, n_groups, cols / 32, (n_chunks + 3) / 4, cols * bits / 8,
-                       (n_groups + 15) & ~(int64_t)15, shift, m->zeros || m->zeros_f16, quad_groups,
-                       (__mmask16)((1u << quad_groups) - 1),
-                       _mm512_srlv_epi32(quad_positions(), _mm512_set1_epi32(shift))};
-}
-
-/* quad_scales for quad k, with what shape_of worked out once: one masked load, convert and permute. */
-EK_AVX512 EK_INLINE __m512 row_quad_scales(const uint16_t *sc, const row_shape *s, int64_t k) {
-    if (!s->quad_groups) return quad_scales(sc, s->n_groups, 4 * k, s->group_shift);
-    const __mmask16 mask = 4 * k + 4 <= s->n_chunks ? s->quad_mask : first_lanes(s->n_groups - k * s->quad_groups);
-    return _mm512_permutexvar_ps(s->scale_index,
-                                 _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, sc + k * s->quad_groups)));
+                       (n_groups + 15) & ~(int64_t)15, __builtin_ctz((unsigned)m->group), m->zeros || m->zeros_f16};
 }
 
 EK_AVX512 static inline const uint8_t *row_zeros(const ek_matrix *m, int64_t r, int64_t n_groups) {
@@ -644,9 +639,8 @@ EK_AVX512 static inline const uint16_t *row_zeros_f16(const ek_matrix *m, int64_
     return m->zeros_f16 ? m->zeros_f16 + r * n_groups : NULL;
 }
 
-/* One token: a row at a time. */
-EK_AVX512 EK_INLINE void single_rows(const avx512_job *job, int64_t begin,
-                                                                        int64_t end, const int bits) {
+/* One token: a row at a time (a 4-row tile would pay its 16-way sums and zero-point terms for one token). */
+EK_AVX512 EK_INLINE void single_rows(const avx512_job *job, int64_t begin, int64_t end, const int bits) {
     const ek_matrix *m = job->base.m;
     const row_shape s = shape_of(m, bits);
     __m512 dq[s.n_quads];
@@ -660,12 +654,25 @@ EK_AVX512 EK_INLINE void single_rows(const avx512_job *job, int64_t begin,
         for (int64_t k = 0; k < s.n_quads; k++) {
             __m512i c[4];
             row_quad(q, bits, k, s.n_chunks, c);
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(quad_dot(c, job->xt + k * 256)),
-                                  _mm512_mul_ps(dq[k], row_quad_scales(sc, &s, k)), acc);
+            acc = quad_step_at(c, job->xt + k * 256, dq[k], quad_scales(sc, s.n_groups, 4 * k, s.group_shift), acc);
         }
         job->base.y[job->base.out_index ? job->base.out_index[r] : r] =
             _mm512_reduce_add_ps(acc) - zero_term(sc, row_zeros(m, r, s.n_groups), row_zeros_f16(m, r, s.n_groups),
                                                   job->gsum, s.n_groups);
+    }
+}
+
+/* The rows of the tile at r0 (nr of them; a short tile repeats its first row): their codes and scales, and
+ * with zero points their s * z products into sz [4][sz_stride]. */
+EK_AVX512 EK_INLINE void tile_setup(const ek_matrix *m, const row_shape *s, int64_t r0, int nr, const uint8_t **q,
+                                    const uint16_t **sc, float *sz) {
+    for (int i = 0; i < EK_TILE_ROWS; i++) {
+        const int64_t r = r0 + (i < nr ? i : 0);
+        q[i] = m->q + r * s->row_bytes;
+        sc[i] = m->scales + r * s->n_groups;
+        if (s->has_zeros)
+            scaled_zeros(sc[i], row_zeros(m, r, s->n_groups), row_zeros_f16(m, r, s->n_groups), s->n_groups,
+                         sz + i * s->sz_stride);
     }
 }
 
@@ -685,11 +692,11 @@ EK_AVX512 EK_INLINE void tile_group(const avx512_job *job, const row_shape *s, c
                     _mm_prefetch((const char *)(q[i] + k * 32 * bits + EK_TILE_PREFETCH_BYTES + off), _MM_HINT_T1);
             __m512i c[4];
             row_quad(q[i], bits, k, s->n_chunks, c);
-            const __m512 scale = row_quad_scales(sc[i], s, k);
+            const __m512 scale = quad_scales(sc[i], s->n_groups, 4 * k, s->group_shift);
             _Pragma("GCC unroll 4")
             for (int t = 0; t < nt; t++)
-                acc[4 * t + i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(quad_dot(c, job->xt + ((t0 + t) * s->n_quads + k) * 256)),
-                                                 _mm512_mul_ps(dq[(t0 + t) * s->n_quads + k], scale), acc[4 * t + i]);
+                acc[4 * t + i] = quad_step_at(c, job->xt + ((t0 + t) * s->n_quads + k) * 256,
+                                              dq[(t0 + t) * s->n_quads + k], scale, acc[4 * t + i]);
         }
     }
     store_tile(job, reduce16(acc), s->has_zeros ? sz : NULL, s->sz_stride, s->n_groups, r0, nr, t0, nt);
@@ -708,14 +715,7 @@ EK_AVX512 EK_INLINE void tile_rows(const avx512_job *job, int64_t begin, int64_t
         const int nr = end - r0 < EK_TILE_ROWS ? (int)(end - r0) : EK_TILE_ROWS;
         const uint8_t *q[EK_TILE_ROWS];
         const uint16_t *sc[EK_TILE_ROWS];
-        for (int i = 0; i < EK_TILE_ROWS; i++) { /* a short tile repeats its first row */
-            const int64_t r = r0 + (i < nr ? i : 0);
-            q[i] = m->q + r * s.row_bytes;
-            sc[i] = m->scales + r * s.n_groups;
-            if (s.has_zeros)
-                scaled_zeros(sc[i], row_zeros(m, r, s.n_groups), row_zeros_f16(m, r, s.n_groups), s.n_groups,
-                             sz + i * s.sz_stride);
-        }
+        tile_setup(m, &s, r0, nr, q, sc, sz);
         int64_t t0 = 0;
         if (T >= 4) {
             tile_group(job, &s, q, sc, sz, dq, r0, nr, 0, bits, 4, 1);
@@ -732,8 +732,7 @@ EK_AVX512 EK_INLINE void tile_rows(const avx512_job *job, int64_t begin, int64_t
 
 /* More tokens (prefill): a tile's rows are decoded once into a buffer, then every group of 4 tokens runs
  * against them (the activations of a token held in registers, the codes read from the buffer). */
-EK_AVX512 EK_INLINE void buffered_rows(const avx512_job *job, int64_t begin,
-                                                                          int64_t end, const int bits) {
+EK_AVX512 EK_INLINE void buffered_rows(const avx512_job *job, int64_t begin, int64_t end, const int bits) {
     const ek_matrix *m = job->base.m;
     const row_shape s = shape_of(m, bits);
     const int64_t T = job->base.n_tokens;
@@ -742,18 +741,14 @@ EK_AVX512 EK_INLINE void buffered_rows(const avx512_job *job, int64_t begin,
     float sz[EK_TILE_ROWS * s.sz_stride];
     for (int64_t r0 = begin; r0 < end; r0 += EK_TILE_ROWS) {
         const int nr = end - r0 < EK_TILE_ROWS ? (int)(end - r0) : EK_TILE_ROWS;
-        for (int i = 0; i < EK_TILE_ROWS; i++) { /* a short tile repeats its first row */
-            const int64_t r = r0 + (i < nr ? i : 0);
-            const uint8_t *q = m->q + r * s.row_bytes;
-            const uint16_t *sc = m->scales + r * s.n_groups;
+        const uint8_t *q[EK_TILE_ROWS];
+        const uint16_t *sc[EK_TILE_ROWS];
+        tile_setup(m, &s, r0, nr, q, sc, sz);
+        for (int i = 0; i < EK_TILE_ROWS; i++)
             for (int64_t k = 0; k < s.n_quads; k++) {
-                row_quad(q, bits, k, s.n_chunks, &codes[i][4 * k]);
-                scales[i][k] = row_quad_scales(sc, &s, k);
+                row_quad(q[i], bits, k, s.n_chunks, &codes[i][4 * k]);
+                scales[i][k] = quad_scales(sc[i], s.n_groups, 4 * k, s.group_shift);
             }
-            if (s.has_zeros)
-                scaled_zeros(sc, row_zeros(m, r, s.n_groups), row_zeros_f16(m, r, s.n_groups), s.n_groups,
-                             sz + i * s.sz_stride);
-        }
         for (int64_t t0 = 0; t0 < T; t0 += EK_TILE_TOKENS) {
             const int nt = T - t0 < EK_TILE_TOKENS ? (int)(T - t0) : EK_TILE_TOKENS;
             __m512 acc[EK_TILE_TOKENS * EK_TILE_ROWS]; /* acc[4 t + i]: row i, token t0 + t */
@@ -770,15 +765,8 @@ EK_AVX512 EK_INLINE void buffered_rows(const avx512_job *job, int64_t begin,
                     const __m512i x3 = _mm512_loadu_si512((const void *)(xt + 192));
                     const __m512 d = quad_dx(job->base.dx + tt * s.n_blocks, s.n_blocks, 4 * k);
                     _Pragma("GCC unroll 4")
-                    for (int i = 0; i < EK_TILE_ROWS; i++) {
-                        const __m512i *c = &codes[i][4 * k];
-                        __m512i u = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[0], x0);
-                        u = _mm512_dpbusd_epi32(u, c[1], x1);
-                        u = _mm512_dpbusd_epi32(u, c[2], x2);
-                        u = _mm512_dpbusd_epi32(u, c[3], x3);
-                        acc[4 * t + i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(u), _mm512_mul_ps(d, scales[i][k]),
-                                                         acc[4 * t + i]);
-                    }
+                    for (int i = 0; i < EK_TILE_ROWS; i++)
+                        acc[4 * t + i] = quad_step(&codes[i][4 * k], x0, x1, x2, x3, d, scales[i][k], acc[4 * t + i]);
                 }
             }
             store_tile(job, reduce16(acc), s.has_zeros ? sz : NULL, s.sz_stride, s.n_groups, r0, nr, t0, nt);
