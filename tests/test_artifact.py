@@ -31,7 +31,7 @@ def test_round_trip_is_exact(quantized, tmp_path):
         torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
     assert loaded_tok.encode("hello world") == tokenizer.encode("hello world")
     config = json.loads((out / CONFIG).read_text())
-    assert config["recipe"] == [{"rtn": {"bits": 4, "group_size": 32, "symmetric": False, "embedding": True,
+    assert config["recipe"] == [{"rtn": {"bits": 4, "group_size": 32, "symmetric": False, "fit": False, "embedding": True,
                                          "ignore": ["layers.1.*"]}}]
     assert "layers.1.attn.wq" not in config["quantized_modules"]
     assert config["quantized_modules"]["tok_embeddings"]["kind"] == "embedding"

@@ -72,3 +72,43 @@ def test_quantized_linear_and_embedding_match_their_dequantized_weights():
     ids = torch.tensor([[3, 7, 49]])
     torch.testing.assert_close(qe(ids), qe.weight[ids])
     assert sqnr_db(table.weight[ids], qe(ids)) > 38
+
+
+@pytest.mark.parametrize("bits,factor", [(1, 0.5), (2, 0.6), (3, 0.85), (4, 0.9)])
+def test_fitted_grid_beats_the_min_max_grid(bits, factor):
+    """Least-squares scales and fractional zero points: at 1-2 bits about half the squared error."""
+    torch.manual_seed(0)
+    w = torch.randn(256, 256)
+    plain = (w - fake_quantize(w, QuantScheme(bits, 64))).pow(2).sum()
+    fitted = (w - fake_quantize(w, QuantScheme(bits, 64, fit=True))).pow(2).sum()
+    assert fitted < factor * plain
+
+
+def test_fitted_grid_stores_fp16_zero_points_and_counts_them():
+    torch.manual_seed(0)
+    w = torch.randn(32, 128)
+    scheme = QuantScheme(2, 64, fit=True)
+    packed = rtn_quantize_weight(w, scheme)
+    assert packed.zeros.dtype == torch.float16
+    assert packed.zeros.float().frac().abs().sum() > 0  # really fractional
+    # What the module stores is exactly the grid fake_quantize describes.
+    torch.testing.assert_close(packed.dequantize(), fake_quantize(w, scheme), rtol=0, atol=0)
+    assert scheme.bits_per_weight(128) == 2 + 32 / 64
+    assert QuantScheme(2, 64).bits_per_weight(128) == 2 + 24 / 64
+    with pytest.raises(ValueError, match="symmetric"):
+        QuantScheme(4, 64, symmetric=True, fit=True)
+
+
+def test_fitted_grid_runs_on_the_kernels_as_it_dequantizes():
+    from edgelm import kernels
+
+    if not kernels.available():
+        pytest.skip("compiled kernels not built")
+    torch.manual_seed(0)
+    w = torch.randn(96, 256)
+    layer = QuantizedLinear(rtn_quantize_weight(w, QuantScheme(3, 32, fit=True)))
+    x = torch.randn(3, 256)
+    with torch.inference_mode():
+        fused = layer(x)  # the kernels' float zero-point path
+    reference = x @ layer.weight_q.dequantize().T
+    torch.testing.assert_close(fused, reference, rtol=0.02, atol=0.05 * float(reference.abs().mean()))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from edgelm.compress.quant.modules import QuantizedEmbedding, QuantizedLinear
+from edgelm.compress.quant.modules import PackedWeight, QuantizedEmbedding, QuantizedLinear
 from edgelm.compress.quant.primitives import fake_quantize
 from edgelm.compress.quant.rtn import QuantStep, rtn_quantize_weight, swap_in_quantized
 from edgelm.compress.recipe import Step, reference_model, target_modules
@@ -231,16 +231,17 @@ def kl_divergence(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> tor
 
 @contextmanager
 def trainable_scales(modules: list[nn.Module]) -> Iterator[list[nn.Parameter]]:
-    """Give each quantized module a trainable per-group gain on its scales; fold it into them on exit."""
+    """Give each quantized module a trainable per-group gain on its scales (every row tier of a tiered
+    weight its own); fold them into the scales on exit."""
+    weights = [w for module in modules for w in module.weight_q.modules() if isinstance(w, PackedWeight)]
     gains = []
-    for module in modules:
-        module.weight_q.scale_gain = nn.Parameter(torch.ones_like(module.weight_q.scales, dtype=torch.float32))
-        gains.append(module.weight_q.scale_gain)
+    for weight in weights:
+        weight.scale_gain = nn.Parameter(torch.ones_like(weight.scales, dtype=torch.float32))
+        gains.append(weight.scale_gain)
     try:
         with torch.enable_grad():
             yield gains
     finally:
-        for module, gain in zip(modules, gains):
-            weight = module.weight_q
+        for weight, gain in zip(weights, gains):
             weight.scale_gain = None
             weight.scales.copy_((weight.scales.float() * gain.detach()).half())

@@ -27,7 +27,7 @@ from torch import nn
 
 from edgelm.compress.calibration import BlockRunner, SharedGram, capture_inputs, linear_layers
 from edgelm.compress.quant.modules import PackedWeight, RowTieredWeight
-from edgelm.compress.quant.primitives import QuantScheme, compute_params
+from edgelm.compress.quant.primitives import QuantScheme, compute_params, nearest_codes
 from edgelm.compress.quant.rtn import QuantStep, rtn_quantize_weight, swap_in_quantized
 from edgelm.compress.recipe import target_modules
 from edgelm.errors import RecipeError
@@ -86,14 +86,14 @@ def storable_params(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor,
     """Group scales/zeros of W, with scales rounded to fp16 as PackedWeight stores them, so the weights the
     sweep compensates for are exactly the ones the artifact will hold."""
     scale, zero = compute_params(w, scheme)
-    return scale.half().float(), zero
+    return scale.half().float(), zero.half().float() if scheme.fit else zero
 
 
 def quantize_column(column: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                    qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes and dequantized values of one column (one entry per row) under per-row scale/zero."""
     safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # fp16 underflow: all-zero groups
-    codes = (torch.round(column / safe_scale) + zero).clamp_(0, qmax)
+    codes = nearest_codes(column, safe_scale, zero, scheme).clamp_(0, scheme.qmax)
     return codes, (codes - zero) * scale
 
 
@@ -140,7 +140,7 @@ def _sweep(w: torch.Tensor, upper: torch.Tensor, order: torch.Tensor, scheme: Qu
     them; their whole value then becomes error that the later columns absorb, as in SparseGPT."""
     n_rows, n_inputs = w.shape
     n_groups = n_inputs // group_size
-    per_row = QuantScheme(scheme.bits, None, scheme.symmetric)  # parameters of one group, row by row
+    per_row = QuantScheme(scheme.bits, None, scheme.symmetric, scheme.fit)  # parameters of one group, row by row
     if static_groups:
         scale, zero = storable_params(w, scheme)
     else:
@@ -167,7 +167,7 @@ def _sweep(w: torch.Tensor, upper: torch.Tensor, order: torch.Tensor, scheme: Qu
                 s, z = storable_params(group, per_row)
                 scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
             g = int(group_of[col])
-            codes[:, col], dequantized[:, col] = quantize_column(block[:, j], scale[:, g], zero[:, g], scheme.qmax)
+            codes[:, col], dequantized[:, col] = quantize_column(block[:, j], scale[:, g], zero[:, g], scheme)
             if pruned is not None:
                 keep_zero = pruned[:, col]
                 codes[keep_zero, col] = zero[keep_zero, g]

@@ -31,10 +31,13 @@ from edgelm.compress.quant.source import SourceGrids
 from edgelm.compress.recipe import Step, target_modules
 from edgelm.errors import RecipeError
 
-# 1-bit rows are for the rarest tiers of the embedding: at ~3 bpw and below, every bit they do not take goes
-# to the linear layers (gemma-3-270m at 3.0 bpw: KLD 0.331 -> 0.306, top-1 77.6 -> 85.5 %, PPL unchanged).
-DEFAULT_FORMATS = ((1, 64), (1, 128), (2, 32), (2, 64), (2, 128), (2, 256), (3, 32), (3, 64), (3, 128), (3, 256),
-                   (4, 32), (4, 64), (4, 128), (4, 256), (5, 32), (5, 64), (6, 32), (6, 64), (8, 32), (8, 64))
+# (bits, group size, fitted grid). 1-bit rows are for the rarest tiers of the embedding: at ~3 bpw and below,
+# every bit they do not take goes to the linear layers. Fitted grids (least-squares scale and fp16 zero
+# point, primitives.fitted_params) cost 8 more bits per group and halve the error of a 1- or 2-bit grid.
+_GRIDS = ((1, 64), (1, 128), (2, 32), (2, 64), (2, 128), (2, 256), (3, 32), (3, 64), (3, 128), (3, 256),
+          (4, 32), (4, 64), (4, 128), (4, 256), (5, 32), (5, 64), (6, 32), (6, 64))
+DEFAULT_FORMATS = (tuple((bits, group, False) for bits, group in _GRIDS) + ((8, 32, False), (8, 64, False))
+                   + tuple((bits, group, True) for bits, group in _GRIDS))
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,11 @@ class Candidate:
     damage: float
     nbytes: int
     source: bool = False  # the source file's own grid (exact: no damage)
+    fit: bool = False  # a fitted grid (fractional zero points)
+
+    @property
+    def label(self) -> str:
+        return "source" if self.source else f"{self.bits}:{self.group_size}" + (":fit" if self.fit else "")
 
 
 @dataclass(frozen=True)
@@ -52,7 +60,7 @@ class MixedPrecision(Step):
     needs_calibration: ClassVar[bool] = True
 
     target_bpw: float = 4.5
-    formats: tuple[str, ...] = ()  # "bits:group" choices, e.g. ("3:64", "4:64", "8:64"); empty = defaults
+    formats: tuple[str, ...] = ()  # "bits:group[:fit]" choices, e.g. ("3:64", "2:64:fit"); empty = defaults
     method: str = "gptq"  # the quantizer that applies the chosen formats: "gptq" (data-aware) or "rtn"
     keep_source: bool = True  # also offer each tensor's grid from the source file (already quantized GGUFs)
     # Row tiers of the token embedding, by importance on the calibration text: the top 1024 rows, the next
@@ -67,17 +75,21 @@ class MixedPrecision(Step):
             raise RecipeError(f"mixed: method must be 'gptq' or 'rtn', got {self.method!r}")
         self.candidate_formats()  # validates
 
-    def candidate_formats(self) -> tuple[tuple[int, int], ...]:
+    def candidate_formats(self) -> tuple[tuple[int, int, bool], ...]:
         if not self.formats:
             return DEFAULT_FORMATS
         parsed = []
         for text in self.formats:
+            fields = text.split(":")
             try:
-                bits, group = (int(x) for x in text.split(":"))
-                QuantScheme(bits, group)
+                if len(fields) not in (2, 3) or fields[2:] not in ([], ["fit"]):
+                    raise ValueError
+                bits, group, fit = int(fields[0]), int(fields[1]), len(fields) == 3
+                QuantScheme(bits, group, fit=fit)
             except ValueError:
-                raise RecipeError(f"mixed: format '{text}' must be 'bits:group_size' such as '4:64'") from None
-            parsed.append((bits, group))
+                raise RecipeError(f"mixed: format '{text}' must be 'bits:group_size' or 'bits:group_size:fit' "
+                                  "such as '4:64' or '2:64:fit'") from None
+            parsed.append((bits, group, fit))
         return tuple(parsed)
 
     def apply(self, model: nn.Module, calibration: Any = None) -> nn.Module:
@@ -114,7 +126,7 @@ class MixedPrecision(Step):
 
         def how(key: str) -> QuantScheme | PackedWeight:
             pick = choice[key]
-            return kept[key] if pick.source else QuantScheme(pick.bits, pick.group_size)
+            return kept[key] if pick.source else QuantScheme(pick.bits, pick.group_size, fit=pick.fit)
 
         plans: dict[str, Any] = {}  # module -> a scheme, a source grid, or a row-tier plan
         for key, slot in slots.items():
@@ -131,8 +143,7 @@ class MixedPrecision(Step):
         else:
             for name, plan in plans.items():
                 swap_in_quantized(model, name, modules[name], quantize_rows(weights[name], plan, rtn_quantize_weight))
-        model.mixed_precision_plan = {key: "source" if c.source else f"{c.bits}:{c.group_size}"
-                                      for key, c in choice.items()}
+        model.mixed_precision_plan = {key: c.label for key, c in choice.items()}
         return model
 
     def slots(self, model: nn.Module, modules: dict[str, nn.Module], head_inputs: torch.Tensor | None,
@@ -175,19 +186,20 @@ def row_importance(model: nn.Module, head_inputs: torch.Tensor, tokens: torch.Te
 
 
 def candidates(weight: torch.Tensor, power: torch.Tensor | None,
-               formats: tuple[tuple[int, int], ...]) -> list[Candidate]:
+               formats: tuple[tuple[int, int, bool], ...]) -> list[Candidate]:
     out_features, in_features = weight.shape
     importance = power if power is not None else torch.ones(in_features)
     result = []
-    for bits, group in formats:
+    for bits, group, fit in formats:
         if in_features % group:
             continue
-        scheme = QuantScheme(bits, group)
+        scheme = QuantScheme(bits, group, fit=fit)
         error = (weight - fake_quantize(weight, scheme)).pow(2)
         damage = float((error * importance[None, :]).sum())
         n_groups = in_features // group
-        nbytes = out_features * (-(-in_features * bits // 8) + 3 * n_groups)  # codes + fp16 scale + u8 zero
-        result.append(Candidate(bits, group, damage, nbytes))
+        per_group = 4 if fit else 3  # fp16 scale + uint8 (or fp16) zero point
+        nbytes = out_features * (-(-in_features * bits // 8) + per_group * n_groups)
+        result.append(Candidate(bits, group, damage, nbytes, fit=fit))
     if not result:
         raise RecipeError(f"mixed: no format fits a tensor with {in_features} input features")
     return result
@@ -224,7 +236,7 @@ def scale_by_kl(model, modules, weights, channel_power, slots, options, calibrat
         power = channel_power.get(slot.module)
         ref_damage = float(((weight - quantized).pow(2) * (power if power is not None else 1.0)).sum())
         unit = max(kl, 1e-12) / max(ref_damage, 1e-30)
-        scaled[key] = [Candidate(c.bits, c.group_size, c.damage * unit, c.nbytes) for c in options[key]]
+        scaled[key] = [Candidate(c.bits, c.group_size, c.damage * unit, c.nbytes, fit=c.fit) for c in options[key]]
     return scaled
 
 

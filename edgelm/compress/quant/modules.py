@@ -115,8 +115,9 @@ class PackedWeight(nn.Module):
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme,
-                   zero_dtype: torch.dtype = torch.uint8) -> PackedWeight:
+                   zero_dtype: torch.dtype | None = None) -> PackedWeight:
         out, inp = codes.shape
+        zero_dtype = zero_dtype or scheme.zero_dtype
         weight = cls(out, inp, scheme, zero_dtype)
         weight.packed.copy_(pack(codes, scheme.bits))
         weight.scales.copy_(scale.to(torch.float16))

@@ -35,19 +35,22 @@ class QuantStep(Step):
     bits: int = 4
     group_size: int | None = 64
     symmetric: bool = False
+    fit: bool = False  # least-squares scales and fp16 zero points per group (primitives.fitted_params)
     embedding: bool = True  # the token embedding / tied output: most of a small model's bytes
     ignore: tuple[str, ...] = ()  # module-name globs left unquantized, e.g. "layers.0.*"
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 3, 4, 5, 6, 8):
             raise RecipeError(f"{self.name}: bits must be one of 2, 3, 4, 5, 6, 8, got {self.bits}")
+        if self.fit and self.symmetric:
+            raise RecipeError(f"{self.name}: a fitted grid has its own zero points; use fit or symmetric, not both")
         if self.group_size is not None and self.group_size not in (16, 32, 64, 128, 256):
             raise RecipeError(f"{self.name}: group_size must be 16, 32, 64, 128, 256 or null (per channel), "
                               f"got {self.group_size}")
 
     @property
     def scheme(self) -> QuantScheme:
-        return QuantScheme(self.bits, self.group_size, self.symmetric)
+        return QuantScheme(self.bits, self.group_size, self.symmetric, self.fit)
 
 
 @dataclass(frozen=True)
