@@ -92,7 +92,7 @@ def test_codes_are_stored_in_the_kernels_layout_and_older_directories_still_load
     model, tokenizer, _ = quantized
     out = save_artifact(model, tokenizer, tmp_path / "q")
     config = json.loads((out / CONFIG).read_text())
-    assert config["format_version"] == 3
+    assert config["format_version"] == 4
     assert config["quantized_modules"]["layers.0.attn.wq"]["layout"] == "planes"
     loaded, _ = load_artifact(out)
     weight = loaded.layers[0].attn.wq.weight_q

@@ -23,7 +23,8 @@ if TYPE_CHECKING:  # reading a directory's config and tokenizer needs no PyTorch
     from torch import nn
 
 FORMAT = "edgelm"
-FORMAT_VERSION = 3  # 2: packed codes may be stored in the kernels' plane layout; 3: planes by quads of 256 codes
+FORMAT_VERSION = 4  # 2: packed codes may be stored in the kernels' plane layout; 3: planes by quads of 256 codes;
+                    # 4: a row tier may be low-rank (coefficients over a basis)
 OLDEST_READABLE = 1
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
 
@@ -192,14 +193,16 @@ def module_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def _quantized_spec(module: nn.Module) -> dict[str, Any]:
-    from edgelm.compress.quant.modules import QuantizedEmbedding, RowTieredWeight
+    from edgelm.compress.quant.modules import LowRankRows, QuantizedEmbedding, RowTieredWeight
 
     w = module.weight_q
     spec = {"kind": "embedding" if isinstance(module, QuantizedEmbedding) else "linear",
             "out_features": w.out_features, "in_features": w.in_features,
             "bias": getattr(module, "bias", None) is not None}
-    if isinstance(w, RowTieredWeight):  # rows split into tiers, each packed in its own format
-        spec["tiers"] = [{"rows": part.out_features, **_packed_format(part)} for part in w.parts]
+    if isinstance(w, RowTieredWeight):  # rows split into tiers, each packed in its own format (or low-rank)
+        spec["tiers"] = [{"rows": part.out_features, "kind": "lowrank", "rank": part.rank,
+                          **_packed_format(part.coefficients)} if isinstance(part, LowRankRows)
+                         else {"rows": part.out_features, **_packed_format(part)} for part in w.parts]
     else:
         spec.update(_packed_format(w))
     return spec
@@ -222,6 +225,7 @@ def _build_module(spec: dict[str, Any]) -> nn.Module:
 
     from edgelm.compress.lowrank import LoRCEmbedding, LoRCLinear, LowRankLinear
     from edgelm.compress.quant.modules import (
+        LowRankRows,
         PackedWeight,
         QuantizedEmbedding,
         QuantizedLinear,
@@ -244,15 +248,20 @@ def _build_module(spec: dict[str, Any]) -> nn.Module:
         U = torch.empty(spec["out_features"], spec["rank"], dtype=torch.float16)
         V = torch.empty(spec["rank"], spec["in_features"], dtype=torch.float16)
         return (LoRCEmbedding if spec["wraps"] == "embedding" else LoRCLinear)(inner, U, V)
-    def packed(rows: int, fmt: dict[str, Any]) -> PackedWeight:
+    def packed(rows: int, fmt: dict[str, Any], cols: int | None = None) -> PackedWeight:
         scheme = QuantScheme(fmt["bits"], fmt["group_size"], fmt["symmetric"])
-        weight = PackedWeight(rows, spec["in_features"], scheme, zero_dtype=getattr(torch, fmt.get("zero_dtype", "uint8")))
+        weight = PackedWeight(rows, cols or spec["in_features"], scheme,
+                              zero_dtype=getattr(torch, fmt.get("zero_dtype", "uint8")))
         weight.layout = fmt.get("layout", "dense")
         return weight
 
+    def tier(fmt: dict[str, Any]) -> nn.Module:
+        if fmt.get("kind") == "lowrank":
+            return LowRankRows(packed(fmt["rows"], fmt, fmt["rank"]), torch.zeros(fmt["rank"], spec["in_features"]))
+        return packed(fmt["rows"], fmt)
+
     if "tiers" in spec:
-        weight = RowTieredWeight([packed(t["rows"], t) for t in spec["tiers"]],
-                                 torch.zeros(spec["out_features"], dtype=torch.uint8))
+        weight = RowTieredWeight([tier(t) for t in spec["tiers"]], torch.zeros(spec["out_features"], dtype=torch.uint8))
     else:
         weight = packed(spec["out_features"], spec)
     if kind == "embedding":

@@ -62,6 +62,8 @@ def _unsupported(config: dict[str, Any]) -> str | None:
         if spec is None or spec["kind"] != kind:
             return f"{name} is not a packed {kind}"
         for fmt in spec.get("tiers", [spec]):
+            if fmt.get("kind") == "lowrank":
+                return f"{name} has a low-rank row tier, which the kernels-only runtime does not run"
             if fmt.get("layout") == "chunk-planes":
                 return (f"{name} is stored in format version 2's layout; re-create the directory to run it "
                         "without PyTorch")

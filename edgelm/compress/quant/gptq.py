@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from edgelm.compress.calibration import BlockRunner, SharedGram, capture_inputs, linear_layers
-from edgelm.compress.quant.modules import PackedWeight, RowTieredWeight
-from edgelm.compress.quant.primitives import QuantScheme, compute_params, nearest_codes
+from edgelm.compress.quant.modules import LowRankRows, PackedWeight, RowTieredWeight
+from edgelm.compress.quant.primitives import LowRankFormat, QuantScheme, compute_params, nearest_codes
 from edgelm.compress.quant.rtn import QuantStep, rtn_quantize_weight, swap_in_quantized
 from edgelm.compress.recipe import target_modules
 from edgelm.errors import RecipeError
@@ -249,7 +249,7 @@ def gptq_model(model: nn.Module, calibration: Any, schemes: dict[str, QuantSchem
         # The tied matrix is also looked up row by row: never zero its columns.
         packed = quantize_rows(head.weight, schemes[name], lambda w, scheme: gptq_quantize(
             w, hessian, scheme, damp=damp, block_size=block_size, act_order=act_order,
-            zero_dead_columns=not tied).packed(scheme))
+            zero_dead_columns=not tied).packed(scheme), hessian=hessian)
         swap_in_quantized(model, name, head, packed)
     embedding = model.tok_embeddings
     if not tied and id(embedding) in targets:
@@ -258,11 +258,19 @@ def gptq_model(model: nn.Module, calibration: Any, schemes: dict[str, QuantSchem
     return model
 
 
-def quantize_rows(weight: torch.Tensor, plan: QuantScheme | list, quantize) -> nn.Module:
-    """`quantize(weight, scheme)` for one scheme, or a row-tiered weight for a plan of (rows, scheme or an
-    already packed part) tiers."""
+def quantize_rows(weight: torch.Tensor, plan: QuantScheme | list, quantize,
+                  hessian: torch.Tensor | None = None) -> nn.Module:
+    """`quantize(weight, scheme)` for one scheme, or a row-tiered weight for a plan of (rows, how) tiers, how
+    being a scheme, an already packed part or a low-rank format (fitted in the metric of `hessian`, the
+    inputs' Hessian when the matrix is an output matrix)."""
     if isinstance(plan, QuantScheme):
         return quantize(weight, plan)
-    rows_of = [rows for rows, _ in plan]
-    parts = [how if isinstance(how, PackedWeight) else quantize(weight[rows], how) for rows, how in plan]
-    return RowTieredWeight.from_parts(rows_of, parts)
+
+    def part(rows: torch.Tensor, how) -> nn.Module:
+        if isinstance(how, PackedWeight):
+            return how
+        if isinstance(how, LowRankFormat):
+            return LowRankRows.fit(weight[rows], how, hessian)
+        return quantize(weight[rows], how)
+
+    return RowTieredWeight.from_parts([rows for rows, _ in plan], [part(rows, how) for rows, how in plan])

@@ -15,8 +15,9 @@ the upgrades with the best damage saved per byte. The budget counts everything m
 
 from __future__ import annotations
 
+import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -24,8 +25,8 @@ from torch import nn
 
 from edgelm.compress.calibration import BlockRunner, capture_inputs
 from edgelm.compress.quant.gptq import gptq_model, quantize_rows
-from edgelm.compress.quant.modules import PackedWeight
-from edgelm.compress.quant.primitives import QuantScheme, fake_quantize
+from edgelm.compress.quant.modules import LowRankRows, PackedWeight
+from edgelm.compress.quant.primitives import LowRankFormat, QuantScheme, fake_quantize
 from edgelm.compress.quant.rtn import rtn_quantize_weight, swap_in_quantized
 from edgelm.compress.quant.source import SourceGrids
 from edgelm.compress.recipe import Step, target_modules
@@ -38,6 +39,8 @@ _GRIDS = ((1, 64), (1, 128), (2, 32), (2, 64), (2, 128), (2, 256), (3, 32), (3, 
           (4, 32), (4, 64), (4, 128), (4, 256), (5, 32), (5, 64), (6, 32), (6, 64))
 DEFAULT_FORMATS = (tuple((bits, group, False) for bits, group in _GRIDS) + ((8, 32, False), (8, 64, False))
                    + tuple((bits, group, True) for bits, group in _GRIDS))
+# Row tiers of the embedding may also be low-rank (modules.LowRankRows): 0.15-0.45 bit per weight.
+DEFAULT_LOW_RANK = (LowRankFormat(16, 4), LowRankFormat(32, 4), LowRankFormat(64, 4))
 
 
 @dataclass(frozen=True)
@@ -48,10 +51,16 @@ class Candidate:
     nbytes: int
     source: bool = False  # the source file's own grid (exact: no damage)
     fit: bool = False  # a fitted grid (fractional zero points)
+    low_rank: LowRankFormat | None = None  # rows as coefficients over a basis (embedding tiers only)
 
     @property
     def label(self) -> str:
+        if self.low_rank is not None:
+            return f"lr:{self.low_rank.rank}:{self.low_rank.bits}"
         return "source" if self.source else f"{self.bits}:{self.group_size}" + (":fit" if self.fit else "")
+
+    def scaled(self, factor: float) -> Candidate:
+        return replace(self, damage=self.damage * factor)
 
 
 @dataclass(frozen=True)
@@ -60,12 +69,23 @@ class MixedPrecision(Step):
     needs_calibration: ClassVar[bool] = True
 
     target_bpw: float = 4.5
-    formats: tuple[str, ...] = ()  # "bits:group[:fit]" choices, e.g. ("3:64", "2:64:fit"); empty = defaults
+    # "bits:group[:fit]" choices, e.g. ("3:64", "2:64:fit"), and for embedding tiers "lr:rank:bits" (low-rank,
+    # e.g. "lr:16:4"); empty = defaults
+    formats: tuple[str, ...] = ()
     method: str = "gptq"  # the quantizer that applies the chosen formats: "gptq" (data-aware) or "rtn"
     keep_source: bool = True  # also offer each tensor's grid from the source file (already quantized GGUFs)
     # Row tiers of the token embedding, by importance on the calibration text: the top 1024 rows, the next
     # up to 4096, ... each tier gets its own format. Empty: the embedding is one tensor.
     embedding_tiers: tuple[int, ...] = (1024, 4096, 16384, 32768, 65536, 131072)
+    # Text unlike the calibration text puts more of its probability mass on rarer tokens. A tier's measured
+    # damage is scaled by its share of mass under a prior, (1 - unseen_mass) x its share on calibration text
+    # + unseen_mass x its share under Zipf's law over the importance ranking, over its calibration share.
+    # Without it the rarest tiers look free (they barely occur in any calibration sample) and are starved.
+    unseen_mass: float = 0.1
+    # Low-rank formats only for tiers that get less than this share of the calibration text's probability
+    # mass: a low-rank row stays apart from the others only along the basis, a loss that shows when the token
+    # is the one to predict, which calibration text measures only for tokens it predicts.
+    low_rank_below: float = 1e-4
     ignore: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -73,35 +93,52 @@ class MixedPrecision(Step):
             raise RecipeError(f"mixed: target_bpw must be between 2 and 16, got {self.target_bpw}")
         if self.method not in ("gptq", "rtn"):
             raise RecipeError(f"mixed: method must be 'gptq' or 'rtn', got {self.method!r}")
+        if not 0.0 <= self.unseen_mass < 1.0:
+            raise RecipeError(f"mixed: unseen_mass must be in [0, 1), got {self.unseen_mass}")
+        if not 0.0 <= self.low_rank_below <= 1.0:
+            raise RecipeError(f"mixed: low_rank_below must be in [0, 1], got {self.low_rank_below}")
         self.candidate_formats()  # validates
 
-    def candidate_formats(self) -> tuple[tuple[int, int, bool], ...]:
+    def candidate_formats(self) -> tuple[tuple[tuple[int, int, bool], ...], tuple[LowRankFormat, ...]]:
+        """The grids (bits, group size, fitted) and the low-rank formats to choose from."""
         if not self.formats:
-            return DEFAULT_FORMATS
-        parsed = []
+            return DEFAULT_FORMATS, DEFAULT_LOW_RANK
+        grids, low_rank = [], []
         for text in self.formats:
             fields = text.split(":")
             try:
+                if fields[0] == "lr" and len(fields) == 3:
+                    low_rank.append(LowRankFormat(int(fields[1]), int(fields[2])))
+                    continue
                 if len(fields) not in (2, 3) or fields[2:] not in ([], ["fit"]):
                     raise ValueError
                 bits, group, fit = int(fields[0]), int(fields[1]), len(fields) == 3
                 QuantScheme(bits, group, fit=fit)
             except ValueError:
-                raise RecipeError(f"mixed: format '{text}' must be 'bits:group_size' or 'bits:group_size:fit' "
-                                  "such as '4:64' or '2:64:fit'") from None
-            parsed.append((bits, group, fit))
-        return tuple(parsed)
+                raise RecipeError(f"mixed: format '{text}' must be 'bits:group_size', 'bits:group_size:fit' or "
+                                  "'lr:rank:bits', such as '4:64', '2:64:fit' or 'lr:16:4'") from None
+            grids.append((bits, group, fit))
+        if not grids:
+            raise RecipeError("mixed: formats need at least one 'bits:group_size' grid (low-rank formats only "
+                              "serve embedding tiers)")
+        return tuple(grids), tuple(low_rank)
 
     def apply(self, model: nn.Module, calibration: Any = None) -> nn.Module:
         modules = dict(target_modules(model, embedding=True, ignore=self.ignore))
         weights = {name: m.weight.detach().float() for name, m in modules.items()}
         channel_power, head_inputs = input_channel_power(model, modules, calibration)
         slots = self.slots(model, modules, head_inputs, calibration)
-        formats = self.candidate_formats()
+        formats, low_rank = self.candidate_formats()
+        tiers = {key: slot for key, slot in slots.items() if slot.rows is not None}
         options = {key: candidates(slot.weight(weights), channel_power.get(slot.module), formats)
-                   for key, slot in slots.items()}
+                   for key, slot in slots.items() if key not in tiers}
         if calibration is not None:
             options = scale_by_kl(model, modules, weights, channel_power, slots, options, calibration)
+        head_hessian = None
+        if tiers:  # calibration is there: tiers come from it
+            head_hessian = output_hessian(head_inputs)
+            options.update(tier_candidates(model, weights, tiers, head_inputs, head_hessian, formats, low_rank,
+                                           self.unseen_mass, self.low_rank_below, calibration))
         kept: dict[str, PackedWeight] = {}  # slot -> the source file's grid of its rows
         if self.keep_source:
             grids = SourceGrids(model)
@@ -124,8 +161,10 @@ class MixedPrecision(Step):
             raise RecipeError(f"mixed: target_bpw {self.target_bpw} is below the smallest model these formats "
                               f"can make ({smallest:.3f} bpw); raise it or add lower-bit formats")
 
-        def how(key: str) -> QuantScheme | PackedWeight:
+        def how(key: str) -> QuantScheme | PackedWeight | LowRankFormat:
             pick = choice[key]
+            if pick.low_rank is not None:
+                return pick.low_rank
             return kept[key] if pick.source else QuantScheme(pick.bits, pick.group_size, fit=pick.fit)
 
         plans: dict[str, Any] = {}  # module -> a scheme, a source grid, or a row-tier plan
@@ -142,7 +181,8 @@ class MixedPrecision(Step):
             gptq_model(model, calibration, plans)
         else:
             for name, plan in plans.items():
-                swap_in_quantized(model, name, modules[name], quantize_rows(weights[name], plan, rtn_quantize_weight))
+                swap_in_quantized(model, name, modules[name],
+                                  quantize_rows(weights[name], plan, rtn_quantize_weight, hessian=head_hessian))
         model.mixed_precision_plan = {key: c.label for key, c in choice.items()}
         return model
 
@@ -236,8 +276,136 @@ def scale_by_kl(model, modules, weights, channel_power, slots, options, calibrat
         power = channel_power.get(slot.module)
         ref_damage = float(((weight - quantized).pow(2) * (power if power is not None else 1.0)).sum())
         unit = max(kl, 1e-12) / max(ref_damage, 1e-30)
-        scaled[key] = [Candidate(c.bits, c.group_size, c.damage * unit, c.nbytes, fit=c.fit) for c in options[key]]
+        scaled[key] = [c.scaled(unit) for c in options[key]]
     return scaled
+
+
+def output_hessian(head_inputs: torch.Tensor) -> torch.Tensor:
+    """E[h hᵀ] of the output matrix's inputs (the final normed hidden states)."""
+    flat = head_inputs.reshape(-1, head_inputs.shape[-1]).float()
+    return (flat.T @ flat) / flat.shape[0]
+
+
+# Positions of the calibration text on which the output's KL is measured for every tier and format, and
+# the first positions of each sample left out (the states right after BOS are unlike the rest).
+HEAD_POSITIONS, HEAD_SKIP = 1024, 16
+
+
+@torch.inference_mode()
+def tier_candidates(model, weights, tiers: dict[str, Slot], head_inputs: torch.Tensor, hessian: torch.Tensor,
+                    formats, low_rank: tuple[LowRankFormat, ...], unseen_mass: float, low_rank_below: float,
+                    calibration) -> dict[str, list[Candidate]]:
+    """Candidates for the embedding's row tiers, with damage in KL units measured, not extrapolated.
+
+    Output: each tier's rows are replaced by a candidate's reconstruction and the KL of the next-token
+    distribution is computed exactly on HEAD_POSITIONS final hidden states: only the tier's logits change,
+    so with p the reference distribution, l its logits and l' the new ones,
+        KL = Σ_tier p (l - l') + log(1 - Σ_tier p + Σ_tier p e^(l' - l)).
+    Noise in the rows of rare tokens lifts the softmax's tail, a damage far from proportional to squared
+    error (1-bit rows cost ~6x what 3-bit rows predict); measuring it catches that. The result is scaled by
+    the tier's share of probability mass under the `unseen_mass` prior over its share on calibration text
+    (tiers are in order of importance, so tier k's Zipf share is log(end/start) / log(vocab)).
+    Input (lookup) damage: the KL of the whole model with only the tier's lookups at the reference format,
+    scaled to each candidate by squared error."""
+    from tqdm import tqdm
+
+    name = next(iter(tiers.values())).module
+    full = weights[name]
+    tied = name == "tok_embeddings" and model.output is None  # rows that are also the output matrix
+    states = _head_positions(head_inputs)
+    cap = getattr(model, "final_softcap", None)
+
+    def logits(w: torch.Tensor) -> torch.Tensor:
+        out = states @ w.T
+        return torch.tanh(out / cap) * cap if cap else out
+
+    if tied:
+        parts = [torch.logsumexp(logits(part), -1, keepdim=True) for part in full.split(32768)]
+        log_z = torch.logsumexp(torch.cat(parts, -1), -1, keepdim=True)
+    input_kl = lookup_sensitivity(model, full, tiers, calibration)
+    vocab = full.shape[0]
+    result = {}
+    first = 0
+    for key, slot in tqdm(tiers.items(), desc="embedding tiers", unit="tier", file=sys.stderr):
+        w = full[slot.rows]
+        zipf = math.log((first + w.shape[0] + 0.5) / (first + 0.5)) / math.log(vocab + 0.5)
+        first += w.shape[0]
+        mass = 0.0
+        if tied:
+            reference = logits(w)
+            p = (reference - log_z).exp()
+            mass = float(p.sum(-1).mean())
+            weight = ((1 - unseen_mass) * mass + unseen_mass * zipf) / max(mass, 1e-12)
+        ref_error = float((w - fake_quantize(w, QuantScheme(REFERENCE_BITS, 64))).pow(2).sum())
+
+        def damage(approx: torch.Tensor) -> float:
+            lookup = input_kl[key] * float((w - approx).pow(2).sum()) / max(ref_error, 1e-30)
+            if not tied:
+                return lookup
+            new = logits(approx)
+            kl = (p * (reference - new)).sum(-1) + torch.log1p((p * ((new - reference).exp() - 1)).sum(-1))
+            return float(kl.mean()) * weight + lookup
+
+        options = []
+        for bits, group, fit in formats:
+            if w.shape[1] % group:
+                continue
+            scheme = QuantScheme(bits, group, fit=fit)
+            nbytes = w.shape[0] * (-(-w.shape[1] * bits // 8) + (4 if fit else 3) * (w.shape[1] // group))
+            options.append(Candidate(bits, group, damage(fake_quantize(w, scheme)), nbytes, fit=fit))
+        for fmt in low_rank if mass < low_rank_below else ():
+            approx = LowRankRows.fit(w, fmt, hessian if tied else None).dequantize()
+            options.append(Candidate(fmt.bits, 0, damage(approx), fmt.nbytes(*w.shape), low_rank=fmt))
+        if not options:
+            raise RecipeError(f"mixed: no format fits the embedding's {w.shape[1]} columns")
+        result[key] = options
+    return result
+
+
+def _head_positions(head_inputs: torch.Tensor) -> torch.Tensor:
+    states = head_inputs[:, HEAD_SKIP:].reshape(-1, head_inputs.shape[-1]).float()
+    if states.shape[0] > HEAD_POSITIONS:
+        pick = torch.randperm(states.shape[0], generator=torch.Generator().manual_seed(0))[:HEAD_POSITIONS]
+        states = states[pick.sort().values]
+    return states
+
+
+class _FixedOutput(nn.Module):
+    """The output matrix as it was: lets a tied embedding's lookups change alone."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h @ self.weight.T
+
+
+@torch.inference_mode()
+def lookup_sensitivity(model, full: torch.Tensor, tiers: dict[str, Slot], calibration) -> dict[str, float]:
+    """Per tier, the KL the model suffers when only the tier's looked-up rows are at the reference format
+    (0 for tiers none of whose tokens occur in the sample)."""
+    tokens = calibration.tokens[:KL_SAMPLES, :KL_TOKENS]
+    positions = slice(tokens.shape[1] // 2, None)
+    embedding = model.tok_embeddings
+    saved_output, saved = model.output, embedding.weight.data
+    model.output = _FixedOutput(full) if model.output is None else model.output
+    try:
+        reference = torch.log_softmax(model(tokens, logits_at=positions).float(), -1)
+        result = {}
+        present = torch.zeros(full.shape[0], dtype=torch.bool)
+        present[tokens.reshape(-1)] = True
+        for key, slot in tiers.items():
+            if not present[slot.rows].any():
+                result[key] = 0.0
+                continue
+            embedding.weight.data = full.clone()
+            embedding.weight.data[slot.rows] = fake_quantize(full[slot.rows], QuantScheme(REFERENCE_BITS, 64))
+            logp = torch.log_softmax(model(tokens, logits_at=positions).float(), -1)
+            result[key] = float((reference.exp() * (reference - logp)).sum(-1).mean())
+    finally:
+        model.output, embedding.weight.data = saved_output, saved
+    return result
 
 
 def allocate(options: dict[str, list[Candidate]], budget: int) -> dict[str, Candidate] | None:

@@ -19,7 +19,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgelm import kernels
-from edgelm.compress.quant.primitives import QuantScheme, dequantize, pack, unpack
+from edgelm.compress.quant.primitives import (
+    LowRankFormat,
+    QuantScheme,
+    compute_params,
+    dequantize,
+    pack,
+    quantize,
+    unpack,
+)
 from edgelm.kernels.layout import (
     CHUNK,
     ROW_BLOCK,
@@ -252,6 +260,101 @@ class QuantizedEmbedding(nn.Module):
         return self.weight_q.matmul(flat).reshape(*h.shape[:-1], self.num_embeddings)
 
 
+class LowRankRows(nn.Module):
+    """Rows W ~ C B: coefficients C [rows, rank] packed on a fitted grid per row, a float16 basis B [rank, in].
+
+    For the rarest rows of a token embedding / tied output matrix: almost never looked up or predicted,
+    they only need to keep their logits in the range of the model's typical contexts. Quantization noise
+    there does harm (it lifts the tail of the softmax); a projection on the few directions that the final
+    hidden states use does not. `fit` takes those directions from the output's input Hessian H (E[h hᵀ]).
+    """
+
+    def __init__(self, coefficients: PackedWeight, basis: torch.Tensor):
+        super().__init__()
+        self.coefficients = coefficients
+        self.register_buffer("basis", basis.to(torch.float16))
+        self.out_features, self.rank = coefficients.out_features, coefficients.in_features
+        self.in_features = basis.shape[1]
+        self.format = LowRankFormat(self.rank, coefficients.scheme.bits)
+        self.scale_gain = None
+        self._dense: torch.Tensor | None = None  # C dequantized, while it cannot change
+
+    @classmethod
+    def empty(cls, rows: int, in_features: int, fmt: LowRankFormat) -> LowRankRows:
+        scheme = QuantScheme(fmt.bits, None, fit=True)
+        return cls(PackedWeight(rows, fmt.rank, scheme, torch.float16), torch.zeros(fmt.rank, in_features))
+
+    @classmethod
+    def fit(cls, weight: torch.Tensor, fmt: LowRankFormat, hessian: torch.Tensor | None = None,
+            damp: float = 0.01) -> LowRankRows:
+        """The rank-r approximation of the rows that is best in the metric of H (plain SVD without H):
+        with H + λI = Q Λ Qᵀ, rows in coordinates u = w Q Λ^½ (where squared error is logit error), their
+        top principal directions P; then C = u Pᵀ and B = P Λ^-½ Qᵀ. Each coefficient column is scaled to
+        unit mean square (the scale goes into B) so that one grid per row fits all of them."""
+        w = weight.detach().double()
+        n_in = w.shape[1]
+        if hessian is None:
+            to_metric = from_metric = torch.eye(n_in, dtype=torch.float64)
+        else:
+            h = hessian.detach().double()
+            h = h + torch.eye(n_in, dtype=torch.float64) * damp * float(h.diagonal().mean() or 1.0)
+            lam, q = torch.linalg.eigh(h)
+            lam = lam.clamp_min(float(lam.max()) * 1e-12)
+            to_metric, from_metric = q * lam.sqrt(), (q / lam.sqrt()).T
+        u = w @ to_metric
+        _, directions = torch.linalg.eigh(u.T @ u)
+        top = directions[:, -fmt.rank:].flip(1).T  # [rank, in], largest variance first
+        coefficients = u @ top.T
+        spread = coefficients.pow(2).mean(0).sqrt().clamp_min(1e-12)
+        coefficients = (coefficients / spread).float()
+        basis = (spread[:, None] * (top @ from_metric)).float()
+        scheme = QuantScheme(fmt.bits, None, fit=True)
+        scale, zero = compute_params(coefficients, scheme)
+        packed = PackedWeight.from_codes(quantize(coefficients, scale, zero, scheme), scale, zero, scheme)
+        return cls(packed, basis)
+
+    @property
+    def scheme(self) -> QuantScheme:
+        return self.coefficients.scheme
+
+    def dense_coefficients(self) -> torch.Tensor:
+        if self.coefficients.scale_gain is not None or torch.is_grad_enabled():
+            return self.coefficients.dequantize()  # being trained: follow the scales
+        if self._dense is None:
+            self._dense = self.coefficients.dequantize()
+        return self._dense
+
+    def dequantize(self, rows: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        coefficients = self.dense_coefficients()
+        if rows is not None:
+            coefficients = coefficients[rows]
+        return (coefficients @ self.basis.float()).to(dtype)
+
+    @property
+    def storage_bytes(self) -> int:
+        return self.coefficients.storage_bytes + self.basis.numel() * self.basis.element_size()
+
+    def _apply(self, fn, recurse=True):
+        self._dense = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._dense = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def matmul(self, x: torch.Tensor, out: torch.Tensor | None = None,
+               out_index: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, in] @ Wᵀ -> [T, rows] (or into columns out_index of `out`): (x Bᵀ) Cᵀ, a few MACs per row."""
+        result = (x.float() @ self.basis.float().T) @ self.dense_coefficients().T
+        if out is None:
+            return result.to(x.dtype)
+        out[:, out_index.long()] = result.to(out.dtype)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.out_features}x{self.in_features}, rank={self.rank}, bits={self.format.bits}"
+
+
 class RowTieredWeight(nn.Module):
     """A matrix whose rows are split into tiers, each tier packed with its own format.
 
@@ -320,12 +423,14 @@ class RowTieredWeight(nn.Module):
         return sum(p.storage_bytes for p in self.parts) + self.tier.numel()
 
     def kernel_parts(self) -> kernels.KernelParts | None:
-        """All the parts on the kernels as one job (built on first use), or None when some part cannot run."""
+        """The packed parts on the kernels as one job (built on first use), or None when one cannot run there.
+        Low-rank parts are not in it: they take other inputs (x Bᵀ) and run on their own."""
         if getattr(self, "_kernel_parts", None) is None:
-            matrices = [part.kernel() for part in self.parts]
-            if any(m is None for m in matrices) or len(matrices) > kernels.MAX_PARTS:
+            packed = [(part.kernel(), rows) for part, rows in zip(self.parts, self.rows)
+                      if isinstance(part, PackedWeight)]
+            if not packed or any(m is None for m, _ in packed) or len(packed) > kernels.MAX_PARTS:
                 return None
-            self._kernel_parts = kernels.KernelParts(matrices, self.rows)
+            self._kernel_parts = kernels.KernelParts([m for m, _ in packed], [rows for _, rows in packed])
         return self._kernel_parts
 
     def _apply(self, fn, recurse=True):
@@ -334,15 +439,21 @@ class RowTieredWeight(nn.Module):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] @ Wᵀ -> [T, out]: each part computes its rows and writes them into their columns."""
+        low_rank = [(part, rows) for part, rows in zip(self.parts, self.rows) if isinstance(part, LowRankRows)]
         parts = self.kernel_parts() if kernel_eligible(self, x) else None
         if parts is not None:
-            return parts.matvec(x)
-        out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
-        shared = kernels.QuantizedActivations(x) if kernel_eligible(self, x) else None  # quantized once
-        for part, rows in zip(self.parts, self.rows):
-            part.matmul(x, out=out, out_index=rows, activations=shared)
+            out = parts.matvec(x, out=torch.empty(x.shape[0], self.out_features) if low_rank else None)
+        else:
+            out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
+            shared = kernels.QuantizedActivations(x) if kernel_eligible(self, x) else None  # quantized once
+            for part, rows in zip(self.parts, self.rows):
+                if isinstance(part, PackedWeight):
+                    part.matmul(x, out=out, out_index=rows, activations=shared)
+        for part, rows in low_rank:
+            part.matmul(x, out=out, out_index=rows)
         return out
 
     def extra_repr(self) -> str:
         counts = torch.bincount(self.tier.long(), minlength=len(self.parts)).tolist()
-        return ", ".join(f"{n} rows at {p.scheme.bits} bits/g{p.scheme.group_size}" for n, p in zip(counts, self.parts))
+        return ", ".join(f"{n} rows at rank {p.rank} ({p.format.bits}-bit coefficients)" if isinstance(p, LowRankRows)
+                         else f"{n} rows at {p.scheme.bits} bits/g{p.scheme.group_size}" for n, p in zip(counts, self.parts))

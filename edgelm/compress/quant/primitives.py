@@ -54,6 +54,26 @@ class QuantScheme:
         return self.bits + per_group / (self.group_size or in_features)
 
 
+@dataclass(frozen=True)
+class LowRankFormat:
+    """Rows stored as `rank` quantized coefficients over a shared basis: W[rows] ~ C B, C [n, rank] on a
+    `bits`-bit fitted grid (one scale and zero point per row), B [rank, in] float16 (modules.LowRankRows).
+    For the rarest rows of a token embedding, which only need their few principal directions."""
+
+    rank: int
+    bits: int = 4
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.rank <= 512 or self.rank % 8:
+            raise ValueError(f"rank must be a multiple of 8 between 8 and 512, got {self.rank}")
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"coefficient bits must be between 2 and 8, got {self.bits}")
+
+    def nbytes(self, rows: int, in_features: int) -> int:
+        """Stored bytes: packed coefficients, a fp16 scale and zero point per row, the fp16 basis."""
+        return rows * (self.rank * self.bits // 8 + 4) + 2 * self.rank * in_features
+
+
 def grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
     """[out, in] -> [out, n_groups, group_size] view."""
     out, inp = w.shape
