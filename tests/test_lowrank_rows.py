@@ -113,7 +113,8 @@ def test_mixed_can_make_the_rarest_tier_low_rank_and_the_directory_keeps_it(tiny
     model, tokenizer = tiny_gemma
     vocab = model.args.vocab_size
     tokens = torch.randint(3, vocab // 4, (8, 64), generator=torch.Generator().manual_seed(0))
-    step = MixedPrecision(target_bpw=4.0, embedding_tiers=(vocab // 4,), formats=("4:32", "8:32", "2:32", "lr:16:4"),
+    # All at 4:32 is 4.75 bpw: only a low-rank tier brings the model under 4.6.
+    step = MixedPrecision(target_bpw=4.6, embedding_tiers=(vocab // 4,), formats=("4:32", "8:32", "lr:16:4"),
                           method="gptq", low_rank_below=1.0)
     compress(model, [step], Calibration(tokens, "random"))
     weight = model.tok_embeddings.weight_q
@@ -121,7 +122,7 @@ def test_mixed_can_make_the_rarest_tier_low_rank_and_the_directory_keeps_it(tiny
     kinds = [type(part).__name__ for part in weight.parts]
     assert model.mixed_precision_plan["tok_embeddings[1]"] == "lr:16:4", model.mixed_precision_plan
     assert kinds[1] == "LowRankRows"
-    assert model_size(model)["bits_per_weight"] <= 4.0
+    assert model_size(model)["bits_per_weight"] <= 4.6
     out = save_artifact(model, tokenizer, tmp_path / "lr")
     loaded, _ = edgelm.load(out)
     ids = tokens[:1, :24]
@@ -130,3 +131,53 @@ def test_mixed_can_make_the_rarest_tier_low_rank_and_the_directory_keeps_it(tiny
     from edgelm.runtime.engine import unsupported_reason
 
     assert "low-rank" in unsupported_reason(out)
+
+
+def test_large_tiers_are_measured_on_a_sample_of_their_rows(tiny_gemma, monkeypatch):
+    from edgelm.compress.quant import mixed
+
+    model, _ = tiny_gemma
+    vocab = model.args.vocab_size
+    rare = torch.arange(vocab // 4, vocab)
+    tokens = torch.randint(3, vocab // 4, (2, 48), generator=torch.Generator().manual_seed(0))
+    calibration = Calibration(tokens, "random")
+    runner = BlockRunner(model, calibration)
+    for i in range(len(model.layers)):
+        runner.advance(i)
+    head_inputs = runner.final_hidden()
+    full = model.tok_embeddings.weight.detach().float()
+
+    def damages():
+        options = tier_candidates(model, {"tok_embeddings": full}, {"t": Slot("tok_embeddings", rare)}, head_inputs,
+                                  output_hessian(head_inputs), ((2, 32, False), (3, 32, False)), (), 0.0, 1.0,
+                                  calibration)["t"]
+        return [c.damage for c in options], [c.nbytes for c in options]
+
+    exact, exact_bytes = damages()
+    monkeypatch.setattr(mixed, "TIER_SAMPLE_ROWS", rare.numel() // 3)
+    sampled, sampled_bytes = damages()
+    assert sampled_bytes == exact_bytes  # the cost is the whole tier's
+    for a, b in zip(sampled, exact):
+        assert a == pytest.approx(b, rel=0.35)
+    assert sampled[0] > sampled[1]
+
+
+def test_lookup_probe_measures_rare_rows_as_inputs(tmp_path):
+    """Rows that never occur in calibration text still get an input damage: planted, not zero."""
+    from edgelm.compress.quant.mixed import LookupProbe
+    from edgelm.compress.quant.primitives import fake_quantize
+
+    # The tiny random gemma's logits are too peaked for any KL to show: the tiny qwen2 model instead.
+    model, _ = edgelm.load(write_tiny_model(tmp_path / "q.gguf", TinyConfig(arch="qwen2", dim=128, hidden_dim=256)))
+    vocab = model.args.vocab_size
+    rare = torch.arange(vocab // 2, vocab)
+    calibration = Calibration(torch.randint(3, vocab // 2, (2, 128), generator=torch.Generator().manual_seed(0)),
+                              "random")
+    full = model.tok_embeddings.weight.detach().float()
+    probe = LookupProbe(model, full, calibration)
+    assert probe.frequency(rare) == 0.0
+    assert probe(rare, full[rare]) == pytest.approx(0.0, abs=1e-6)
+    coarse = probe(rare, fake_quantize(full[rare], QuantScheme(2, 32)))
+    fine = probe(rare, fake_quantize(full[rare], QuantScheme(6, 32)))
+    assert coarse > 4 * fine > 0
+    assert isinstance(model.tok_embeddings, torch.nn.Embedding) and model.output is None  # restored

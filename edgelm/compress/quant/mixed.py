@@ -289,6 +289,7 @@ def output_hessian(head_inputs: torch.Tensor) -> torch.Tensor:
 # Positions of the calibration text on which the output's KL is measured for every tier and format, and
 # the first positions of each sample left out (the states right after BOS are unlike the rest).
 HEAD_POSITIONS, HEAD_SKIP = 1024, 16
+TIER_SAMPLE_ROWS = 16384
 
 
 @torch.inference_mode()
@@ -305,8 +306,8 @@ def tier_candidates(model, weights, tiers: dict[str, Slot], head_inputs: torch.T
     error (1-bit rows cost ~6x what 3-bit rows predict); measuring it catches that. The result is scaled by
     the tier's share of probability mass under the `unseen_mass` prior over its share on calibration text
     (tiers are in order of importance, so tier k's Zipf share is log(end/start) / log(vocab)).
-    Input (lookup) damage: the KL of the whole model with only the tier's lookups at the reference format,
-    scaled to each candidate by squared error."""
+    Input damage: the KL per occurrence of one of the tier's tokens as an input (LookupProbe), times the
+    tier's share of input tokens under the same prior."""
     from tqdm import tqdm
 
     name = next(iter(tiers.values())).module
@@ -322,24 +323,31 @@ def tier_candidates(model, weights, tiers: dict[str, Slot], head_inputs: torch.T
     if tied:
         parts = [torch.logsumexp(logits(part), -1, keepdim=True) for part in full.split(32768)]
         log_z = torch.logsumexp(torch.cat(parts, -1), -1, keepdim=True)
-    input_kl = lookup_sensitivity(model, full, tiers, calibration)
+    probe = LookupProbe(model, full, calibration)
     vocab = full.shape[0]
     result = {}
     first = 0
     for key, slot in tqdm(tiers.items(), desc="embedding tiers", unit="tier", file=sys.stderr):
-        w = full[slot.rows]
-        zipf = math.log((first + w.shape[0] + 0.5) / (first + 0.5)) / math.log(vocab + 0.5)
-        first += w.shape[0]
+        n_rows = slot.rows.numel()
+        zipf = math.log((first + n_rows + 0.5) / (first + 0.5)) / math.log(vocab + 0.5)
+        first += n_rows
+        # Large tiers are measured on a sample of their rows: each row adds its own term to the KL (to first
+        # order), so the sample's damage times n_rows / sample size stands for the tier's.
+        rows = slot.rows
+        if n_rows > TIER_SAMPLE_ROWS:
+            rows = rows[torch.randperm(n_rows, generator=torch.Generator().manual_seed(0))[:TIER_SAMPLE_ROWS]]
+        w, spread = full[rows], n_rows / rows.numel()
         mass = 0.0
         if tied:
+            mass = sum(float((logits(part) - log_z).exp().sum(-1).mean()) for part in full[slot.rows].split(32768))
             reference = logits(w)
             p = (reference - log_z).exp()
-            mass = float(p.sum(-1).mean())
-            weight = ((1 - unseen_mass) * mass + unseen_mass * zipf) / max(mass, 1e-12)
-        ref_error = float((w - fake_quantize(w, QuantScheme(REFERENCE_BITS, 64))).pow(2).sum())
+            weight = spread * ((1 - unseen_mass) * mass + unseen_mass * zipf) / max(mass, 1e-12)
+        occurrences = (1 - unseen_mass) * probe.frequency(slot.rows) + unseen_mass * zipf
+        lookup_reference = probe.reference(rows)
 
         def damage(approx: torch.Tensor) -> float:
-            lookup = input_kl[key] * float((w - approx).pow(2).sum()) / max(ref_error, 1e-30)
+            lookup = occurrences * probe(rows, approx, lookup_reference)
             if not tied:
                 return lookup
             new = logits(approx)
@@ -351,11 +359,11 @@ def tier_candidates(model, weights, tiers: dict[str, Slot], head_inputs: torch.T
             if w.shape[1] % group:
                 continue
             scheme = QuantScheme(bits, group, fit=fit)
-            nbytes = w.shape[0] * (-(-w.shape[1] * bits // 8) + (4 if fit else 3) * (w.shape[1] // group))
+            nbytes = n_rows * (-(-w.shape[1] * bits // 8) + (4 if fit else 3) * (w.shape[1] // group))
             options.append(Candidate(bits, group, damage(fake_quantize(w, scheme)), nbytes, fit=fit))
         for fmt in low_rank if mass < low_rank_below else ():
             approx = LowRankRows.fit(w, fmt, hessian if tied else None).dequantize()
-            options.append(Candidate(fmt.bits, 0, damage(approx), fmt.nbytes(*w.shape), low_rank=fmt))
+            options.append(Candidate(fmt.bits, 0, damage(approx), fmt.nbytes(n_rows, w.shape[1]), low_rank=fmt))
         if not options:
             raise RecipeError(f"mixed: no format fits the embedding's {w.shape[1]} columns")
         result[key] = options
@@ -381,31 +389,81 @@ class _FixedOutput(nn.Module):
         return h @ self.weight.T
 
 
-@torch.inference_mode()
-def lookup_sensitivity(model, full: torch.Tensor, tiers: dict[str, Slot], calibration) -> dict[str, float]:
-    """Per tier, the KL the model suffers when only the tier's looked-up rows are at the reference format
-    (0 for tiers none of whose tokens occur in the sample)."""
-    tokens = calibration.tokens[:KL_SAMPLES, :KL_TOKENS]
-    positions = slice(tokens.shape[1] // 2, None)
-    embedding = model.tok_embeddings
-    saved_output, saved = model.output, embedding.weight.data
-    model.output = _FixedOutput(full) if model.output is None else model.output
-    try:
-        reference = torch.log_softmax(model(tokens, logits_at=positions).float(), -1)
-        result = {}
-        present = torch.zeros(full.shape[0], dtype=torch.bool)
-        present[tokens.reshape(-1)] = True
-        for key, slot in tiers.items():
-            if not present[slot.rows].any():
-                result[key] = 0.0
-                continue
-            embedding.weight.data = full.clone()
-            embedding.weight.data[slot.rows] = fake_quantize(full[slot.rows], QuantScheme(REFERENCE_BITS, 64))
-            logp = torch.log_softmax(model(tokens, logits_at=positions).float(), -1)
-            result[key] = float((reference.exp() * (reference - logp)).sum(-1).mean())
-    finally:
-        model.output, embedding.weight.data = saved_output, saved
-    return result
+class _ProbeEmbedding(nn.Module):
+    """Token lookups from `weight`, except the rows given in `override` (row id -> vector)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = weight
+        self.override: dict[int, torch.Tensor] = {}
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.weight[ids]
+        for row, vector in self.override.items():
+            out[ids == row] = vector
+        return out
+
+
+# Lookup probes: calibration windows of PROBE_TOKENS tokens with a token of the tier put in every PROBE_GAP
+# positions from the PROBE_GAP-th on; the KL of the following predictions is measured.
+PROBE_TOKENS, PROBE_GAP = 128, 16
+
+
+class LookupProbe:
+    """The damage a tier's rows do as *inputs*: the KL of the model's predictions, per occurrence of one of
+    the tier's tokens, when their looked-up rows are replaced by a candidate's, the output matrix unchanged.
+    Measured with tier tokens planted in calibration windows, so rare tiers (absent from any calibration
+    sample) are measured too; times the tier's expected frequency as an input it is a damage per position."""
+
+    def __init__(self, model, full: torch.Tensor, calibration):
+        self.model, self.full = model, full
+        tokens = calibration.tokens[:KL_SAMPLES, :PROBE_TOKENS].clone()
+        self.tokens = tokens
+        self.slots = torch.arange(PROBE_GAP, tokens.shape[1], PROBE_GAP)  # planted positions per window
+        self.scored = slice(PROBE_GAP, tokens.shape[1] - 1)
+        self.counts = torch.bincount(calibration.tokens.reshape(-1), minlength=full.shape[0]).double()
+
+    def planted(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Windows with rows of the tier (indices into `rows`, spread over it) at the probe positions."""
+        n = self.tokens.shape[0] * self.slots.numel()
+        pick = torch.linspace(0, rows.numel() - 1, n).round().long()
+        tokens = self.tokens.clone()
+        tokens[:, self.slots] = rows[pick].view(self.tokens.shape[0], -1)
+        return tokens, pick
+
+    @torch.inference_mode()
+    def __call__(self, rows: torch.Tensor, approx: torch.Tensor, reference: torch.Tensor | None = None) -> float:
+        """Mean KL per planted occurrence with the planted rows (`rows`, reconstructed as `approx`) changed."""
+        tokens, pick = self.planted(rows)
+        model, embedding, output = self.model, self.model.tok_embeddings, self.model.output
+        probe = _ProbeEmbedding(self.full)
+        model.tok_embeddings = probe
+        model.output = _FixedOutput(self.full) if output is None else output
+        try:
+            if reference is None:
+                reference = self.reference(rows)
+            for i in pick.unique().tolist():
+                probe.override[int(rows[i])] = approx[i]
+            logp = torch.log_softmax(model(tokens, logits_at=self.scored).float(), -1)
+        finally:
+            model.tok_embeddings, model.output = embedding, output
+        kl = (reference.exp() * (reference - logp)).sum(-1).sum()
+        return float(kl) / pick.numel()
+
+    @torch.inference_mode()
+    def reference(self, rows: torch.Tensor) -> torch.Tensor:
+        tokens, _ = self.planted(rows)
+        model, embedding, output = self.model, self.model.tok_embeddings, self.model.output
+        model.tok_embeddings = _ProbeEmbedding(self.full)
+        model.output = _FixedOutput(self.full) if output is None else output
+        try:
+            return torch.log_softmax(model(tokens, logits_at=self.scored).float(), -1)
+        finally:
+            model.tok_embeddings, model.output = embedding, output
+
+    def frequency(self, rows: torch.Tensor) -> float:
+        """The tier's share of the calibration text's tokens."""
+        return float(self.counts[rows].sum() / self.counts.sum())
 
 
 def allocate(options: dict[str, list[Candidate]], budget: int) -> dict[str, Candidate] | None:
