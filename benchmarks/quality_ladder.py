@@ -38,7 +38,7 @@ EDGELM_RUNGS: dict[str, list[dict]] = {
     "mixed-3.5": [{"mixed": {"target_bpw": 3.5}}],
     "mixed-3": [{"mixed": {"target_bpw": 3.0}}],
     "mixed-2.5": [{"mixed": {"target_bpw": 2.5}}],
-    "mixed-2.25": [{"mixed": {"target_bpw": 2.25}}],
+    "mixed-2": [{"mixed": {"target_bpw": 2.0}}],
     "rtn-3+lorc-8": [{"rtn": {"bits": 3, "group_size": 64}}, {"lorc": {"rank": 8}}],
     "wanda-50%": [{"wanda": {"sparsity": 0.5}}],
     "sparsegpt-50%": [{"sparsegpt": {"sparsity": 0.5}}],
@@ -66,6 +66,10 @@ LLAMA_CPP_RUNGS: list[tuple[str, bool, str | None]] = [
     ("Q3_K_M", True, "q4_0"),
     ("Q2_K", True, "q4_0"),
     ("IQ2_XS", True, "q4_0"),
+    # The same low rungs without an imatrix.
+    ("IQ4_XS", False, "iq4_nl"),
+    ("Q3_K_M", False, "q4_0"),
+    ("Q2_K", False, "q4_0"),
 ]
 
 
