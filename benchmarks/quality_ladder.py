@@ -100,6 +100,7 @@ def run_edgelm(args, results: Results, base, tokenizer) -> None:
 
     import torch
 
+    import edgelm
     from edgelm.bench.quality import perplexity_of_file
     from edgelm.compress.calibration import calibration_from_file
     from edgelm.compress.recipe import compress, parse_recipe
@@ -111,6 +112,13 @@ def run_edgelm(args, results: Results, base, tokenizer) -> None:
             continue
         record = results.get("edgelm", name)
         if record and (record.get("ppl_all") or not args.full):
+            continue
+        saved = args.save_models / name if args.save_models else None
+        if record and saved and saved.is_dir():  # measured on the first chunks already: score the saved model
+            print(f"== edgelm {name}: all chunks of {saved}", file=sys.stderr)
+            model, _ = edgelm.load(saved)
+            results.put({**record, "ppl_all": perplexity_of_file(model, tokenizer, args.test).ppl})
+            del model
             continue
         print(f"== edgelm {name}: {recipe}", file=sys.stderr)
         model = copy.deepcopy(base)
@@ -126,10 +134,10 @@ def run_edgelm(args, results: Results, base, tokenizer) -> None:
             record["ppl_all"] = perplexity_of_file(model, tokenizer, args.test).ppl
         results.put(record)
         print(json.dumps(record), file=sys.stderr)
-        if args.save_models:  # e.g. to benchmark a rung's speed: edgelm bench -m DIR/NAME --vs-llama-cpp
+        if saved:  # e.g. to benchmark a rung's speed: edgelm bench -m DIR/NAME --vs-llama-cpp
             from edgelm.io.artifact import save_artifact
 
-            save_artifact(model, tokenizer, args.save_models / name, recipe=recipe, source=base.source)
+            save_artifact(model, tokenizer, saved, recipe=recipe, source=base.source)
         del model
 
 
@@ -175,7 +183,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-m", "--model", default="gemma-3-270m")
     parser.add_argument("--calib", type=Path, default=DATA / "wikitext-2" / "valid.txt")
-    parser.add_argument("--calib-samples", type=int, default=32, help="calibration windows of 512 tokens")
+    parser.add_argument("--calib-samples", type=int, default=64,
+                        help="calibration windows of 512 tokens (default: 64, as edgelm's commands)")
     parser.add_argument("--test", type=Path, default=DATA / "wikitext-2-raw" / "wiki.test.raw")
     parser.add_argument("--chunks", type=int, default=40, help="chunks for the main PPL column (default: 40)")
     parser.add_argument("--full", action="store_true", help="also score all chunks of the test file")
@@ -184,7 +193,8 @@ def main() -> int:
     parser.add_argument("--llama-cpp-bin", default=None, help="directory with llama-quantize/-imatrix/-perplexity")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--save-models", type=Path, default=None, metavar="DIR",
-                        help="also write each compressed rung as an edgelm model directory DIR/NAME")
+                        help="also write each compressed rung as an edgelm model directory DIR/NAME; with "
+                             "--full, a rung already scored on the first chunks is scored on all from DIR/NAME")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ladder")
     parser.add_argument("--report-only", action="store_true", help="redraw the table and plot from results.json")
     args = parser.parse_args()

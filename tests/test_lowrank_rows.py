@@ -162,6 +162,28 @@ def test_large_tiers_are_measured_on_a_sample_of_their_rows(tiny_gemma, monkeypa
     assert sampled[0] > sampled[1]
 
 
+def test_low_rank_and_one_bit_rows_are_offered_only_to_rare_tiers(tiny_gemma):
+    model, _ = tiny_gemma
+    vocab = model.args.vocab_size
+    rare = torch.arange(vocab // 2, vocab)
+    tokens = torch.randint(3, vocab // 2, (2, 48), generator=torch.Generator().manual_seed(0))
+    calibration = Calibration(tokens, "random")
+    runner = BlockRunner(model, calibration)
+    for i in range(len(model.layers)):
+        runner.advance(i)
+    head_inputs = runner.final_hidden()
+    full = model.tok_embeddings.weight.detach().float()
+
+    def labels(low_rank_below: float) -> list[str]:
+        options = tier_candidates(model, {"tok_embeddings": full}, {"t": Slot("tok_embeddings", rare)},
+                                  head_inputs, output_hessian(head_inputs), ((1, 32, True), (2, 32, True)),
+                                  (LowRankFormat(16, 4),), 0.1, low_rank_below, calibration)["t"]
+        return [c.label for c in options]
+
+    assert labels(1.0) == ["1:32:fit", "2:32:fit", "lr:16:4"]  # the tier holds < 100 % of the mass: rare
+    assert labels(0.0) == ["2:32:fit"]  # nothing is rarer than 0: neither 1-bit nor low-rank rows
+
+
 def test_lookup_probe_measures_rare_rows_as_inputs(tmp_path):
     """Rows that never occur in calibration text still get an input damage: planted, not zero."""
     from edgelm.compress.quant.mixed import LookupProbe
