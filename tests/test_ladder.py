@@ -12,7 +12,7 @@ RECORDS = [
     {"engine": "edgelm", "name": "a", "bpw": 4.5, "ppl": 18.0, "stderr": 0.5, "kld": 0.05, "top1": 0.9,
      "compress_s": 60.0},
     {"engine": "edgelm", "name": "b", "bpw": 3.0, "ppl": 20.0, "stderr": 0.6, "ppl_all": 21.0},
-    {"engine": "edgelm", "name": "c", "bpw": 5.0, "ppl": 19.0, "stderr": 0.5},  # dominated by a
+    {"engine": "edgelm", "name": "c", "bpw": 5.0, "ppl": 19.0, "stderr": 0.5, "note": "older"},  # dominated by a
     {"engine": "llama.cpp", "name": "Q4_0", "bpw": 7.01, "ppl": 24.9, "stderr": 0.8},
 ]
 
@@ -37,7 +37,7 @@ def test_pareto_front_drops_dominated_rungs():
 
 def test_table_and_plot(tmp_path):
     table = markdown_table(RECORDS)
-    assert table.splitlines()[2].startswith("| edgelm | c | 5.000 | 19.000 ± 0.500 |")
+    assert table.splitlines()[2].startswith("| edgelm | c (older) | 5.000 | 19.000 ± 0.500 |")
     assert "| 21.000 |" in table and "| 0.0500 | 90.0 | 60 s |" in table
     pytest.importorskip("matplotlib")
     render_report(RECORDS, tmp_path, "test")

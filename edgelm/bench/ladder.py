@@ -1,7 +1,8 @@
 """The quality ladder's report: a markdown table and a PNG plot of perplexity against bits per weight.
 
 Records are dicts with engine, name, bpw, ppl (first N chunks), optionally ppl_all (every chunk), kld,
-top1 and compress_s; `benchmarks/quality_ladder.py` produces them.
+top1, compress_s and a note (how a rung was made when not by the current code, shown after its name);
+`benchmarks/quality_ladder.py` produces them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ def markdown_table(records: list[dict]) -> str:
         kld = f"{r['kld']:.4f}" if r.get("kld") is not None else ""
         top1 = f"{100 * r['top1']:.1f}" if r.get("top1") is not None else ""
         seconds = f"{r['compress_s']:.0f} s" if r.get("compress_s") is not None else ""
-        lines.append(f"| {r['engine']} | {r['name']} | {r['bpw']:.3f} | {r['ppl']:.3f} ± {r['stderr']:.3f} | "
+        name = f"{r['name']} ({r['note']})" if r.get("note") else r["name"]
+        lines.append(f"| {r['engine']} | {name} | {r['bpw']:.3f} | {r['ppl']:.3f} ± {r['stderr']:.3f} | "
                      f"{ppl_all} | {kld} | {top1} | {seconds} |")
     return "\n".join(lines) + "\n"
 
