@@ -22,6 +22,14 @@ def metric_error(w: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -
     return float(((e @ hessian.double()) * e).sum())
 
 
+def final_hidden_states(model, calibration):
+    """The output matrix's inputs on the calibration windows (what mixed measures tiers on)."""
+    runner = BlockRunner(model, calibration)
+    for i in range(len(model.layers)):
+        runner.advance(i)
+    return runner.final_hidden()
+
+
 def test_fit_in_the_hessian_metric_beats_plain_svd_there():
     torch.manual_seed(0)
     w = torch.randn(2000, 128)
@@ -82,10 +90,7 @@ def test_measured_tier_damage_is_the_exact_kl_of_the_output(tiny_gemma):
     rare = torch.arange(vocab // 2, vocab)
     tokens = torch.randint(3, vocab // 2, (2, 48), generator=torch.Generator().manual_seed(0))  # no rare lookups
     calibration = Calibration(tokens, "random")
-    runner = BlockRunner(model, calibration)
-    for i in range(len(model.layers)):
-        runner.advance(i)
-    head_inputs = runner.final_hidden()
+    head_inputs = final_hidden_states(model, calibration)
     full = model.tok_embeddings.weight.detach().float()
     hessian = output_hessian(head_inputs)
     options = tier_candidates(model, {"tok_embeddings": full}, {"t": Slot("tok_embeddings", rare)}, head_inputs,
@@ -141,10 +146,7 @@ def test_large_tiers_are_measured_on_a_sample_of_their_rows(tiny_gemma, monkeypa
     rare = torch.arange(vocab // 4, vocab)
     tokens = torch.randint(3, vocab // 4, (2, 48), generator=torch.Generator().manual_seed(0))
     calibration = Calibration(tokens, "random")
-    runner = BlockRunner(model, calibration)
-    for i in range(len(model.layers)):
-        runner.advance(i)
-    head_inputs = runner.final_hidden()
+    head_inputs = final_hidden_states(model, calibration)
     full = model.tok_embeddings.weight.detach().float()
 
     def damages():
@@ -168,10 +170,7 @@ def test_low_rank_and_one_bit_rows_are_offered_only_to_rare_tiers(tiny_gemma):
     rare = torch.arange(vocab // 2, vocab)
     tokens = torch.randint(3, vocab // 2, (2, 48), generator=torch.Generator().manual_seed(0))
     calibration = Calibration(tokens, "random")
-    runner = BlockRunner(model, calibration)
-    for i in range(len(model.layers)):
-        runner.advance(i)
-    head_inputs = runner.final_hidden()
+    head_inputs = final_hidden_states(model, calibration)
     full = model.tok_embeddings.weight.detach().float()
 
     def labels(low_rank_below: float) -> list[str]:

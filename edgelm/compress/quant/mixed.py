@@ -134,9 +134,9 @@ class MixedPrecision(Step):
                    for key, slot in slots.items() if key not in tiers}
         if calibration is not None:
             options = scale_by_kl(model, modules, weights, channel_power, slots, options, calibration)
-        head_hessian = None
+        head_hessian = None  # the metric of low-rank tiers: the output's, when the embedding is also the output
         if tiers:  # calibration is there: tiers come from it
-            head_hessian = output_hessian(head_inputs)
+            head_hessian = output_hessian(head_inputs) if model.output is None else None
             options.update(tier_candidates(model, weights, tiers, head_inputs, head_hessian, formats, low_rank,
                                            self.unseen_mass, self.low_rank_below, calibration))
         kept: dict[str, PackedWeight] = {}  # slot -> the source file's grid of its rows
@@ -236,13 +236,15 @@ def candidates(weight: torch.Tensor, power: torch.Tensor | None,
         scheme = QuantScheme(bits, group, fit=fit)
         error = (weight - fake_quantize(weight, scheme)).pow(2)
         damage = float((error * importance[None, :]).sum())
-        n_groups = in_features // group
-        per_group = 4 if fit else 3  # fp16 scale + uint8 (or fp16) zero point
-        nbytes = out_features * (-(-in_features * bits // 8) + per_group * n_groups)
-        result.append(Candidate(bits, group, damage, nbytes, fit=fit))
+        result.append(Candidate(bits, group, damage, grid_bytes(out_features, in_features, bits, group, fit), fit=fit))
     if not result:
         raise RecipeError(f"mixed: no format fits a tensor with {in_features} input features")
     return result
+
+
+def grid_bytes(rows: int, in_features: int, bits: int, group: int, fit: bool) -> int:
+    """Stored bytes of rows on a grid: packed codes, per group a fp16 scale and a uint8 (fitted: fp16) zero."""
+    return rows * (-(-in_features * bits // 8) + (4 if fit else 3) * (in_features // group))
 
 
 REFERENCE_BITS = 3
@@ -293,7 +295,7 @@ TIER_SAMPLE_ROWS = 16384
 
 
 @torch.inference_mode()
-def tier_candidates(model, weights, tiers: dict[str, Slot], head_inputs: torch.Tensor, hessian: torch.Tensor,
+def tier_candidates(model, weights, tiers: dict[str, Slot], head_inputs: torch.Tensor, hessian: torch.Tensor | None,
                     formats, low_rank: tuple[LowRankFormat, ...], unseen_mass: float, low_rank_below: float,
                     calibration) -> dict[str, list[Candidate]]:
     """Candidates for the embedding's row tiers, with damage in KL units measured, not extrapolated.
@@ -364,11 +366,11 @@ def tier_candidates(model, weights, tiers: dict[str, Slot], head_inputs: torch.T
         for bits, group, fit in formats:
             if w.shape[1] % group or (bits == 1 and not rare):
                 continue
-            scheme = QuantScheme(bits, group, fit=fit)
-            nbytes = n_rows * (-(-w.shape[1] * bits // 8) + (4 if fit else 3) * (w.shape[1] // group))
-            options.append(Candidate(bits, group, damage(fake_quantize(w, scheme)), nbytes, fit=fit))
+            approx = fake_quantize(w, QuantScheme(bits, group, fit=fit))
+            options.append(Candidate(bits, group, damage(approx), grid_bytes(n_rows, w.shape[1], bits, group, fit),
+                                     fit=fit))
         for fmt in low_rank if rare else ():
-            approx = LowRankRows.fit(w, fmt, hessian if tied else None).dequantize()
+            approx = LowRankRows.fit(w, fmt, hessian).dequantize()
             options.append(Candidate(fmt.bits, 0, damage(approx), fmt.nbytes(n_rows, w.shape[1]), low_rank=fmt))
         if not options:
             raise RecipeError(f"mixed: no format fits the embedding's {w.shape[1]} columns")
@@ -423,8 +425,7 @@ class LookupProbe:
 
     def __init__(self, model, full: torch.Tensor, calibration):
         self.model, self.full = model, full
-        tokens = calibration.tokens[:KL_SAMPLES, :PROBE_TOKENS].clone()
-        self.tokens = tokens
+        self.tokens = tokens = calibration.tokens[:KL_SAMPLES, :PROBE_TOKENS].clone()
         self.slots = torch.arange(PROBE_GAP, tokens.shape[1], PROBE_GAP)  # planted positions per window
         self.scored = slice(PROBE_GAP, tokens.shape[1] - 1)
         self.counts = torch.bincount(calibration.tokens.reshape(-1), minlength=full.shape[0]).double()
@@ -437,30 +438,27 @@ class LookupProbe:
         tokens[:, self.slots] = rows[pick].view(self.tokens.shape[0], -1)
         return tokens, pick
 
-    @torch.inference_mode()
     def __call__(self, rows: torch.Tensor, approx: torch.Tensor, reference: torch.Tensor | None = None) -> float:
         """Mean KL per planted occurrence with the planted rows (`rows`, reconstructed as `approx`) changed."""
-        tokens, pick = self.planted(rows)
-        model, embedding, output = self.model, self.model.tok_embeddings, self.model.output
-        probe = _ProbeEmbedding(self.full)
-        model.tok_embeddings = probe
-        model.output = _FixedOutput(self.full) if output is None else output
-        try:
-            if reference is None:
-                reference = self.reference(rows)
-            for i in pick.unique().tolist():
-                probe.override[int(rows[i])] = approx[i]
-            logp = torch.log_softmax(model(tokens, logits_at=self.scored).float(), -1)
-        finally:
-            model.tok_embeddings, model.output = embedding, output
+        reference = self.reference(rows) if reference is None else reference
+        logp = self._log_probs(rows, approx)
         kl = (reference.exp() * (reference - logp)).sum(-1).sum()
-        return float(kl) / pick.numel()
+        return float(kl) / (self.tokens.shape[0] * self.slots.numel())
+
+    def reference(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._log_probs(rows)
 
     @torch.inference_mode()
-    def reference(self, rows: torch.Tensor) -> torch.Tensor:
-        tokens, _ = self.planted(rows)
+    def _log_probs(self, rows: torch.Tensor, approx: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-probabilities at the scored positions of the planted windows, the planted rows' lookups
+        replaced by `approx` when given (the output matrix stays the original)."""
+        tokens, pick = self.planted(rows)
+        probe = _ProbeEmbedding(self.full)
+        if approx is not None:
+            for i in pick.unique().tolist():
+                probe.override[int(rows[i])] = approx[i]
         model, embedding, output = self.model, self.model.tok_embeddings, self.model.output
-        model.tok_embeddings = _ProbeEmbedding(self.full)
+        model.tok_embeddings = probe
         model.output = _FixedOutput(self.full) if output is None else output
         try:
             return torch.log_softmax(model(tokens, logits_at=self.scored).float(), -1)
