@@ -26,6 +26,8 @@ def main() -> int:
     parser.add_argument("--target-bits", type=int, default=None, help="precision of an any-precision target")
     parser.add_argument("--draft", required=True, help="a model, or a bit width N (the target at N bits)")
     parser.add_argument("--num-draft", type=int, nargs="+", default=[4])
+    parser.add_argument("--draft-vocab", type=int, nargs="+", default=[None],
+                        help="token ids the draft scores (0: all; default: the library's)")
     parser.add_argument("-n", "--max-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("-t", "--threads", type=int, default=None)
@@ -54,11 +56,18 @@ def main() -> int:
         tokens = list(generate_step(target, prompt, Sampler(greedy), args.max_tokens, stats))
         return tokens, stats
 
-    def speculative(prompt, k, spec):
+    def speculative(prompt, config, spec):
+        k, vocab = config
         stats = GenerationStats()
         tokens = list(speculative_generate_step(target, draft, prompt, Sampler(greedy), args.max_tokens, k,
-                                                stats, spec))
+                                                stats, spec, **({} if vocab is None else {"draft_vocab": vocab})))
         return tokens, stats
+
+    configs = [(k, v) for k in args.num_draft for v in args.draft_vocab]
+
+    def label(config):
+        k, vocab = config
+        return f"k={k}" + ("" if len(args.draft_vocab) == 1 else f" v={vocab}")
 
     rows = []
     for text in PROMPTS:
@@ -66,30 +75,30 @@ def main() -> int:
         plain(prompt[:8])  # warm-up: kernels repacked, caches allocated
         timings = {"plain": []}
         identical = True
-        spec_stats = {k: SpeculativeStats() for k in args.num_draft}
+        spec_stats = {c: SpeculativeStats() for c in configs}
         for _ in range(args.reps):
             reference, stats = plain(prompt)
             timings["plain"].append(stats.generation_tps)
-            for k in args.num_draft:
-                tokens, stats = speculative(prompt, k, spec_stats[k])
-                timings.setdefault(k, []).append(stats.generation_tps)
+            for c in configs:
+                tokens, stats = speculative(prompt, c, spec_stats[c])
+                timings.setdefault(c, []).append(stats.generation_tps)
                 identical &= tokens == reference
         rows.append((text.splitlines()[0][:40], timings, spec_stats, identical))
         print(f"{text.splitlines()[0][:40]!r}: plain {statistics.median(timings['plain']):.1f} tok/s; " +
-              "; ".join(f"k={k}: {statistics.median(timings[k]):.1f} tok/s, acceptance "
-                        f"{spec_stats[k].acceptance:.0%}" for k in args.num_draft), file=sys.stderr)
+              "; ".join(f"{label(c)}: {statistics.median(timings[c]):.1f} tok/s, acceptance "
+                        f"{spec_stats[c].acceptance:.0%}" for c in configs), file=sys.stderr)
 
     print(f"\ntarget {args.target}, draft {args.draft}, {args.max_tokens} tokens, greedy, median of {args.reps}\n")
-    print("| prompt | plain tok/s | " + " | ".join(f"k={k} tok/s | speed-up | acceptance | mean accepted"
-                                                      for k in args.num_draft) + " | identical |")
-    print("|---|---|" + "---|---|---|---|" * len(args.num_draft) + "---|")
+    print("| prompt | plain tok/s | " + " | ".join(f"{label(c)} tok/s | speed-up | acceptance | mean accepted"
+                                                      for c in configs) + " | identical |")
+    print("|---|---|" + "---|---|---|---|" * len(configs) + "---|")
     for name, timings, spec_stats, identical in rows:
         base = statistics.median(timings["plain"])
         cells = [f"{name!r}", f"{base:.1f} ({min(timings['plain']):.1f}-{max(timings['plain']):.1f})"]
-        for k in args.num_draft:
-            med = statistics.median(timings[k])
-            s = spec_stats[k]
-            cells += [f"{med:.1f} ({min(timings[k]):.1f}-{max(timings[k]):.1f})", f"{med / base:.2f}x",
+        for c in configs:
+            med = statistics.median(timings[c])
+            s = spec_stats[c]
+            cells += [f"{med:.1f} ({min(timings[c]):.1f}-{max(timings[c]):.1f})", f"{med / base:.2f}x",
                       f"{s.acceptance:.0%}", f"{s.mean_accepted:.2f}"]
         cells.append("yes" if identical else "NO")
         print("| " + " | ".join(cells) + " |")

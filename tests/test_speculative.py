@@ -6,14 +6,16 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 import edgelm
+from edgelm.compress import RTN, compress
 from edgelm.errors import GenerationError
 from edgelm.runtime.generate import generate_step
 from edgelm.runtime.sampling import Sampler, SamplingParams
-from edgelm.runtime.speculative import SpeculativeStats, _accept, speculative_generate_step
+from edgelm.runtime.speculative import DraftVocabulary, SpeculativeStats, _accept, speculative_generate_step
 from tests.tiny_gguf import TinyConfig, write_tiny_model
 
 GREEDY = SamplingParams(temperature=0)
@@ -28,16 +30,26 @@ def pair(tmp_path_factory):
     return target, draft
 
 
-@pytest.mark.parametrize("num_draft", [1, 3, 5])
-def test_greedy_output_is_the_targets_own(pair, num_draft):
-    target, _ = edgelm.load(str(pair[0]))
-    draft, _ = edgelm.load(str(pair[1]))
+def quantized(path):
+    """A 4-bit model, which decodes on the compiled step (where the draft vocabulary applies)."""
+    model, _ = edgelm.load(str(path))
+    compress(model, RTN(bits=4, group_size=32, embedding=True))
+    return model
+
+
+@pytest.mark.parametrize("num_draft,draft_vocab,packed", [(1, None, False), (3, None, False), (5, None, False),
+                                                          (3, 40, True), (4, 0, True)])
+def test_greedy_output_is_the_targets_own(pair, num_draft, draft_vocab, packed):
+    load = quantized if packed else (lambda path: edgelm.load(str(path))[0])
+    target, draft = load(pair[0]), load(pair[1])
     prompt = [1, 17, 42, 99]
     plain = list(generate_step(target, prompt, Sampler(GREEDY), max_tokens=30))
     spec = SpeculativeStats()
     fast = list(speculative_generate_step(target, draft, prompt, Sampler(GREEDY), max_tokens=30,
-                                          num_draft=num_draft, spec_stats=spec))
+                                          num_draft=num_draft, spec_stats=spec, draft_vocab=draft_vocab))
     assert fast == plain
+    if draft_vocab:  # the restricted draft vocabulary did run
+        assert DraftVocabulary.build(draft, draft_vocab) is not None
     assert spec.rounds > 0 and spec.drafted >= spec.accepted >= 0
     assert 0.0 <= spec.acceptance <= 1.0
 
@@ -51,6 +63,43 @@ def test_a_draft_that_is_the_target_is_always_accepted(pair):
                                             num_draft=4, spec_stats=spec))
     assert len(tokens) == 25
     assert spec.acceptance > 0.95 and spec.mean_accepted > 3.5  # p == q: every ratio is 1 (up to rounding)
+
+
+def _tiered(weight):
+    """The same matrix as two row tiers (even and odd rows)."""
+    from edgelm.compress.quant.modules import RowTieredWeight
+
+    rows = torch.arange(weight.out_features)
+    sets = [rows[rows % 2 == 0], rows[rows % 2 == 1]]
+    return RowTieredWeight.from_parts(sets, [weight.select_rows(r) for r in sets])
+
+
+@pytest.mark.parametrize("arch,tiered", [("qwen2", False), ("qwen2", True), ("gemma3", False)])
+def test_draft_vocabulary_scores_its_tokens_as_the_full_output_does(tmp_path, arch, tiered):
+    from edgelm.runtime.native import native_decoder
+
+    draft = quantized(write_tiny_model(tmp_path / "m.gguf", TinyConfig(arch=arch, dim=128, hidden_dim=256)))
+    head = draft.output if draft.output is not None else draft.tok_embeddings
+    if tiered:
+        head.weight_q = _tiered(head.weight_q)
+    draft.setup_caches(32)
+    hidden = native_decoder(draft).final_hidden([1, 17, 42], 0)
+    with torch.inference_mode():
+        full = draft.logits(torch.from_numpy(hidden)).numpy()
+    context = [5, 150, 151, 7]
+    vocabulary = DraftVocabulary.build(draft, 64, context)
+    restricted = vocabulary.logits(hidden)
+    inside = np.zeros(draft.args.vocab_size, dtype=bool)
+    inside[:64] = True
+    inside[context] = True
+    assert np.isneginf(restricted[:, ~inside]).all()
+    # The first ids on the kernels as the full output computes them; context ids as float rows (the
+    # kernels quantize activations to int8: close, not equal).
+    np.testing.assert_allclose(restricted[:, :64], full[:, :64], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(restricted[:, [150, 151]], full[:, [150, 151]], rtol=0.05, atol=0.05)
+    vocabulary.add([200, 5])  # a token the context gained, and one it had
+    assert np.isfinite(vocabulary.logits(hidden)[:, 200]).all()
+    np.testing.assert_allclose(vocabulary.logits(hidden)[:, 200], full[:, 200], rtol=0.05, atol=0.05)
 
 
 def test_accept_reject_yields_the_target_distribution():
@@ -69,6 +118,15 @@ def test_accept_reject_yields_the_target_distribution():
     assert (counts / trials - p).abs().max() < 0.015, (counts / trials, p)
     # and not q's, which differs
     assert (counts / trials - q).abs().max() > 0.05
+    # A draft that cannot propose some tokens (a restricted draft vocabulary: q = 0 there) changes nothing.
+    q_cut = q.clone()
+    q_cut[[1, 4]] = 0
+    q_cut /= q_cut.sum()
+    counts.zero_()
+    for _ in range(trials):
+        d = sampler.draw(q_cut.numpy())
+        counts[_accept(sampler, [d], [q_cut.double().numpy()], target_logits)[0]] += 1
+    assert (counts / trials - p).abs().max() < 0.015, (counts / trials, p)
 
 
 def test_bad_settings_are_refused(pair, tmp_path):

@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "N for the model itself at N bits (any-precision model directories)")
     parser.add_argument("--num-draft", type=int, default=4, metavar="N",
                         help="tokens the draft proposes per round (default: 4)")
+    parser.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                        help="the draft scores only the first N token ids and those of the context (output "
+                             "unchanged: the target checks every token); 0 = all (default: 32768)")
     parser.add_argument("--verbose", "-v", action="store_true", help="print speed statistics to stderr")
 
 
@@ -52,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     for response in edgelm.stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens,
                                            sampling=params, stop=args.stop,
                                            add_bos=False if args.no_bos else None, draft=draft,
-                                           num_draft=args.num_draft, spec_stats=spec):
+                                           num_draft=args.num_draft, spec_stats=spec,
+                                           draft_vocab=args.draft_vocab):
         sys.stdout.write(response.text)
         sys.stdout.flush()
         last = response

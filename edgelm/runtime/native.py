@@ -55,15 +55,19 @@ class NativeDecoder:
     def steps(self, tokens: list[int], pos: int) -> torch.Tensor:
         """Logits [T, vocab] after each of T consecutive tokens starting at position `pos` (speculative
         verification). Every token's result is bit-identical to decoding it alone with `step`."""
+        normed = torch.from_numpy(self.final_hidden(tokens, pos))
+        # The output matrix on the kernels too (a few rows at a time), so each row matches `step`'s.
+        return torch.cat([self.model.logits(part[None])[0] for part in normed.split(KERNEL_MAX_TOKENS)])
+
+    def final_hidden(self, tokens: list[int], pos: int):
+        """The final-normed hidden states [T, dim] (numpy float32) the output matrix turns into logits."""
         model = self.model
         single_threaded_torch(model)
         x = model.tok_embeddings(torch.tensor([tokens]))[0].to(torch.float32).contiguous()
         if model.embed_scale is not None:
             x.mul_(model.embed_scale)
         self.stack.run(x.numpy(), pos)
-        normed = torch.from_numpy(rms_norm(x.numpy(), self.final_norm, model.args.norm_eps))
-        # The output matrix on the kernels too (a few rows at a time), so each row matches `step`'s.
-        return torch.cat([model.logits(part[None])[0] for part in normed.split(KERNEL_MAX_TOKENS)])
+        return rms_norm(x.numpy(), self.final_norm, model.args.norm_eps)
 
 
 def _array(tensor_or_module):
