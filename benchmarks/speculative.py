@@ -37,6 +37,8 @@ def main() -> int:
 
     import edgelm
     from edgelm import kernels
+    from edgelm.registry import resolve
+    from edgelm.runtime.engine import load_engine, unsupported_reason
     from edgelm.runtime.generate import GenerationStats, generate_step
     from edgelm.runtime.sampling import Sampler, SamplingParams
     from edgelm.runtime.speculative import SpeculativeStats, speculative_generate_step
@@ -44,11 +46,14 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
         kernels.set_threads(args.threads)
-    target, tokenizer = edgelm.load(args.target, bits=args.target_bits)
-    if args.draft.isdigit():
-        draft, _ = edgelm.load(args.target, bits=int(args.draft))
-    else:
-        draft, _ = edgelm.load(args.draft)
+    def load(name, bits=None):
+        """As `edgelm generate` loads it: on the kernels alone where the directory allows."""
+        if bits is None and unsupported_reason(resolve(name)) is None:
+            return load_engine(name)
+        return edgelm.load(name, bits=bits)
+
+    target, tokenizer = load(args.target, args.target_bits)
+    draft, _ = load(args.target, int(args.draft)) if args.draft.isdigit() else load(args.draft)
     greedy = SamplingParams(temperature=0)
 
     def plain(prompt):

@@ -171,3 +171,49 @@ def test_self_speculative_draft_from_an_any_precision_directory(tmp_path):
     spec = run_cli(*common, "--draft", "3", "-v")
     assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
     assert spec.stdout == plain.stdout and "draft tokens accepted" in spec.stderr
+
+
+@pytest.fixture(scope="module")
+def engine_pair(pair, tmp_path_factory):
+    """The pair as 4-bit model directories, which run on the kernels alone."""
+    from edgelm.io.artifact import save_artifact
+    from edgelm.runtime.engine import unsupported_reason
+
+    d = tmp_path_factory.mktemp("spec-dirs")
+    paths = []
+    for path, name in zip(pair, ("target", "draft")):
+        _, tokenizer = edgelm.load(str(path))
+        paths.append(save_artifact(quantized(path), tokenizer, d / name))
+        assert unsupported_reason(paths[-1]) is None
+    return paths
+
+
+@pytest.mark.parametrize("draft_vocab", [0, 40])
+def test_engines_speculate_with_the_engines_greedy_text(engine_pair, draft_vocab):
+    from edgelm.runtime.engine import KernelEngine
+
+    target, draft = (KernelEngine.load(path) for path in engine_pair)
+    prompt = [1, 17, 42, 99]
+    plain = list(generate_step(target, prompt, Sampler(GREEDY), max_tokens=30))
+    spec = SpeculativeStats()
+    fast = list(speculative_generate_step(target, draft, prompt, Sampler(GREEDY), max_tokens=30, num_draft=3,
+                                          spec_stats=spec, draft_vocab=draft_vocab))
+    assert fast == plain and spec.rounds > 0
+    if draft_vocab:
+        vocabulary = DraftVocabulary.build(draft, draft_vocab, prompt)
+        assert vocabulary is not None and vocabulary.members.sum() < draft.args.vocab_size
+    # A PyTorch draft for an engine target works too.
+    torch_draft, _ = edgelm.load(str(engine_pair[1]))
+    mixed = list(speculative_generate_step(target, torch_draft, prompt, Sampler(GREEDY), max_tokens=30,
+                                           num_draft=3, draft_vocab=draft_vocab))
+    assert mixed == plain
+
+
+def test_cli_draft_keeps_the_text_of_a_model_directory(engine_pair):
+    """`generate -m DIR` runs on the kernels alone; with --draft the target must still decode that way."""
+    common = ["generate", "-m", str(engine_pair[0]), "-p", "hello world", "-n", "24", "--temp", "0"]
+    plain = run_cli(*common)
+    spec = run_cli(*common, "--draft", str(engine_pair[1]), "--num-draft", "3", "--draft-vocab", "40", "-v")
+    assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
+    assert spec.stdout == plain.stdout
+    assert "draft tokens accepted" in spec.stderr

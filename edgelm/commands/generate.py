@@ -42,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
 
     params = sampling_params(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tokenizer = load_model(args, for_inference=True, kernels_only=args.draft is None)
+    # With --draft too: the target decodes as it would alone, so the greedy text is the same.
+    model, tokenizer = load_model(args, for_inference=True, kernels_only=True)
     set_threads(args.threads, pytorch=not isinstance(model, KernelEngine))
     model.set_kv_bits(args.kv_bits)
     draft = load_draft(args, model)
@@ -83,7 +84,7 @@ def load_draft(args: argparse.Namespace, model):
     if args.draft.isdigit():
         draft, _ = edgelm.load(args.model, bits=int(args.draft))
     else:
-        draft, _ = edgelm.load(args.draft, keep_quantized=True)
+        draft, _ = load_model(argparse.Namespace(model=args.draft), for_inference=True, kernels_only=True)
     draft.set_kv_bits(args.kv_bits)
     check_draft(model, draft)
     return draft

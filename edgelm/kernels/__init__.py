@@ -224,6 +224,14 @@ class KernelMatrix:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (self.planes, self.scales, self.zeros))
 
+    def select_rows(self, rows) -> KernelMatrix:
+        """A copy of just these rows (an int64 index array), in the same format."""
+        if _is_torch(self.planes):
+            import torch
+
+            rows = torch.as_tensor(rows, dtype=torch.long)
+        return KernelMatrix(self.planes[rows], self.scales[rows], self.zeros[rows], self.bits, self.group, self.cols)
+
     def dequantize(self, first: int = 0, n: int | None = None, dtype: torch.dtype | None = None,
                    out=None, parallel: bool = True):
         """Rows [first, first + n) as a dense float32 or bfloat16 [n, cols] matrix (a tensor, unless `out` is

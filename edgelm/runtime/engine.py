@@ -210,7 +210,10 @@ class KernelEngine:
         return x
 
     def _logits(self, h: np.ndarray) -> np.ndarray:
-        out = self.output.matvec(rms_norm(h, self.final_norm, self.args.norm_eps))
+        return self._logits_of_normed(rms_norm(h, self.final_norm, self.args.norm_eps))
+
+    def _logits_of_normed(self, normed: np.ndarray) -> np.ndarray:
+        out = self.output.matvec(normed)
         if self.softcap:
             out = np.tanh(out / self.softcap) * self.softcap
         return out
@@ -241,12 +244,16 @@ class KernelEngine:
     def steps(self, tokens: list[int], pos: int | None = None) -> np.ndarray:
         """Logits [T, vocab] after each of T tokens from position `pos` (default: the next one); each row is
         bit-identical to decoding the tokens one at a time."""
+        return self._logits_of_normed(self.final_hidden(tokens, pos))
+
+    def final_hidden(self, tokens: list[int], pos: int | None = None) -> np.ndarray:
+        """As `steps`, up to the final norm: the hidden states [T, dim] the output matrix turns into logits."""
         pos = self.pos if pos is None else pos
         self._check_room(len(tokens), pos)
         x = self._embed(tokens)
         self.stack.run(x, pos)
         self.pos = pos + len(tokens)
-        return self._logits(x)
+        return rms_norm(x, self.final_norm, self.args.norm_eps)
 
 
 def load_engine(name_or_path: str | os.PathLike[str], *, pull: bool = True,

@@ -26,19 +26,22 @@ overwrites those slots before anything attends to them.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
-import torch
 
-from edgelm.compress.quant.modules import PackedWeight, RowTieredWeight
-from edgelm.errors import GenerationError
-from edgelm.models.base import Transformer
-from edgelm.runtime.generate import GenerationStats, check_lengths, decode_step, prefill
 from edgelm import kernels
-from edgelm.runtime.native import NativeDecoder, native_decoder
+from edgelm.errors import GenerationError
+from edgelm.runtime.engine import KernelEngine
+from edgelm.runtime.generate import GenerationStats, check_lengths, decode_step, prefill
 from edgelm.runtime.sampling import Sampler
+
+if TYPE_CHECKING:  # PyTorch only for PyTorch models: engines speculate without it
+    from edgelm.models.base import Transformer
+
+    Model = Union[Transformer, KernelEngine]
 
 # Token ids the draft scores by default: the first 32768 (plus the context's). On the benchmark's code
 # prompts 3.6 % of qwen2.5-coder's greedy tokens lie above it, most of them identifiers of the prompt.
@@ -62,25 +65,19 @@ class SpeculativeStats:
         return self.accepted / self.rounds if self.rounds else 0.0
 
 
-def check_draft(target: Transformer, draft: Transformer) -> None:
-    from edgelm.runtime.engine import KernelEngine
-
-    if isinstance(target, KernelEngine) or isinstance(draft, KernelEngine):
-        raise GenerationError("speculative decoding runs on PyTorch models: load target and draft with "
-                              "edgelm.load")
+def check_draft(target: Model, draft: Model) -> None:
     if draft.args.vocab_size != target.args.vocab_size:
         raise GenerationError(f"the draft model's vocabulary ({draft.args.vocab_size} tokens) differs from the "
                               f"target's ({target.args.vocab_size}); use a draft of the same tokenizer family")
 
 
-@torch.inference_mode()
-def speculative_generate_step(target: Transformer, draft: Transformer, prompt: Sequence[int],
+def speculative_generate_step(target: Model, draft: Model, prompt: Sequence[int],
                               sampler: Sampler | None = None, max_tokens: int = 256, num_draft: int = 4,
                               stats: GenerationStats | None = None,
                               spec_stats: SpeculativeStats | None = None,
                               draft_vocab: int | None = DEFAULT_DRAFT_VOCAB) -> Iterator[int]:
-    """Yield the target's tokens, generated with draft proposals; same contract as generate_step.
-    `draft_vocab`: the draft scores only the first that many token ids and the context's (None or 0: all)."""
+    """Yield the target's tokens, generated with draft proposals; same contract as generate_step. Target
+    and draft are PyTorch models or kernels-only engines, in any combination. `draft_vocab`: the draft scores only the first that many token ids and the context's (None or 0: all)."""
     if num_draft < 1:
         raise GenerationError(f"--num-draft must be >= 1, got {num_draft}")
     if draft_vocab is not None and draft_vocab < 0:
@@ -143,25 +140,31 @@ def speculative_generate_step(target: Transformer, draft: Transformer, prompt: S
         draft.clear_caches()
 
 
-def _score(model: Transformer, tokens: list[int], pos: int) -> torch.Tensor:
+def _score(model: Model, tokens: list[int], pos: int):
     """Logits [T, vocab] after each of `tokens` (from position pos), as plain decoding would compute them:
     the compiled step's batches are bit-identical to its single steps, so greedy output cannot drift."""
+    if isinstance(model, KernelEngine):
+        return model.steps(tokens, pos)
+    import torch
+
+    from edgelm.runtime.native import native_decoder
+
     native = native_decoder(model)
     if native is not None:
         return native.steps(tokens, pos)
-    return model(torch.tensor([tokens]), torch.arange(pos, pos + len(tokens)))[0]
+    with torch.inference_mode():
+        return model(torch.tensor([tokens]), torch.arange(pos, pos + len(tokens)))[0]
 
 
 class DraftProposer:
     """The draft's side of a round: k tokens and the distributions they were drawn from."""
 
-    def __init__(self, draft: Transformer, sampler: Sampler, vocab_size: int | None, context: Sequence[int]):
+    def __init__(self, draft: Model, sampler: Sampler, vocab_size: int | None, context: Sequence[int]):
         self.draft, self.sampler = draft, sampler
-        native = native_decoder(draft)
+        self.final_hidden = _final_hidden(draft)
         self.vocabulary = None
-        if vocab_size and vocab_size < draft.args.vocab_size and native is not None:
+        if vocab_size and vocab_size < draft.args.vocab_size and self.final_hidden is not None:
             self.vocabulary = DraftVocabulary.build(draft, vocab_size, context)
-        self.native: NativeDecoder | None = native
 
     def see(self, tokens: Sequence[int]) -> None:
         """Tokens now in the context (the round's output): the draft may propose them from now on."""
@@ -172,7 +175,7 @@ class DraftProposer:
         """Draft logits after the last of `tokens` (from position pos)."""
         if self.vocabulary is None:
             return decode_step(self.draft, tokens[0], pos) if len(tokens) == 1 else _score(self.draft, tokens, pos)[-1]
-        return self.vocabulary.logits(self.native.final_hidden(tokens, pos)[-1:])[0]
+        return self.vocabulary.logits(self.final_hidden(tokens, pos)[-1:])[0]
 
     def propose(self, feed: list[int], pos: int, k: int) -> tuple[list[int], list[np.ndarray]]:
         """k draft tokens after `feed` (which starts at position pos) and their draft distributions."""
@@ -192,6 +195,65 @@ class DraftProposer:
         return tokens, probs
 
 
+def _final_hidden(model: Model) -> Callable[[list[int], int], np.ndarray] | None:
+    """The model's step up to the final norm (hidden states [T, dim], float32), where it has one."""
+    if isinstance(model, KernelEngine):
+        return model.final_hidden
+    from edgelm.runtime.native import native_decoder
+
+    native = native_decoder(model)
+    return None if native is None else native.final_hidden
+
+
+@dataclass
+class OutputRows:
+    """A model's output matrix as the kernels hold it: packed parts with the token ids of their rows (one
+    part, or one per row tier), any row dequantized to float32 (rows of no part: low-rank tiers), and
+    the final logit soft-cap."""
+
+    parts: list[tuple[kernels.KernelMatrix, np.ndarray]]
+    dequantize: Callable[[np.ndarray], np.ndarray]
+    softcap: float | None
+
+
+def output_rows(model: Model) -> OutputRows | None:
+    """The output matrix of an engine or of a PyTorch model whose output is packed (else None)."""
+    if isinstance(model, KernelEngine):
+        out = model.output
+        ids = [np.arange(out.rows)] if out.tier is None else [i.astype(np.int64) for i in out.matrix.out_indices]
+
+        def rows_of_engine(wanted: np.ndarray) -> np.ndarray:
+            rows = np.empty((wanted.size, out.cols), dtype=np.float32)
+            for i, token in enumerate(wanted.tolist()):
+                out.row_into(token, rows[i:i + 1])
+            return rows
+
+        return OutputRows(list(zip(out.parts, ids)), rows_of_engine, model.softcap)
+    import torch
+
+    from edgelm.compress.quant.modules import PackedWeight, RowTieredWeight
+
+    module = model.output if model.output is not None else model.tok_embeddings
+    weight = getattr(module, "weight_q", None)
+    if getattr(module, "bias", None) is not None or getattr(weight, "scale_gain", None) is not None:
+        return None
+    if isinstance(weight, PackedWeight):
+        parts = [(weight.kernel(), np.arange(weight.out_features))]
+    elif isinstance(weight, RowTieredWeight):
+        parts = [(part.kernel(), rows.numpy().astype(np.int64)) for part, rows in zip(weight.parts, weight.rows)
+                 if isinstance(part, PackedWeight)]
+    else:
+        return None
+    if any(matrix is None for matrix, _ in parts):
+        return None
+
+    def rows_of_model(wanted: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return weight.dequantize(rows=torch.from_numpy(wanted)).numpy()
+
+    return OutputRows(parts, rows_of_model, model.final_softcap)
+
+
 class DraftVocabulary:
     """A model's output matrix restricted to a set of token ids: logits of the others are -inf.
 
@@ -200,25 +262,25 @@ class DraftVocabulary:
     them) are few and kept as dequantized float32 rows.
     """
 
-    def __init__(self, model: Transformer, parts: kernels.KernelParts, ids: np.ndarray):
-        self.model, self.parts = model, parts
-        self.weight = _output_weight(model)
-        self.members = np.zeros(model.args.vocab_size, dtype=bool)
+    def __init__(self, rows: OutputRows, parts: kernels.KernelParts, ids: np.ndarray, vocab_size: int):
+        self.rows, self.parts = rows, parts
+        self.members = np.zeros(vocab_size, dtype=bool)
         self.members[ids] = True
         self.extra_ids = np.zeros(0, dtype=np.int64)
-        self.extra_rows = np.zeros((0, model.args.dim), dtype=np.float32)
+        self.extra_rows = np.zeros((0, parts.cols), dtype=np.float32)
 
     @classmethod
-    def build(cls, model: Transformer, size: int, context: Sequence[int] = ()) -> DraftVocabulary | None:
+    def build(cls, model: Model, size: int, context: Sequence[int] = ()) -> DraftVocabulary | None:
         """The first `size` ids and those of `context`; None when the output matrix is not packed."""
         key = f"_draft_vocabulary_{size}"  # the copied rows, kept with the model for its next generations
         if key not in model.__dict__:
-            model.__dict__[key] = _packed_rows(_output_weight(model), min(size, model.args.vocab_size))
+            rows = output_rows(model)
+            model.__dict__[key] = None if rows is None else (rows, *_first_rows(rows, size))
         if model.__dict__[key] is None:
             return None
-        parts, covered, rest = model.__dict__[key]
-        vocabulary = cls(model, parts, covered)
-        vocabulary.add(rest)  # rows of low-rank tiers
+        rows, parts, covered, rest = model.__dict__[key]
+        vocabulary = cls(rows, parts, covered, model.args.vocab_size)
+        vocabulary.add(rest)
         vocabulary.add(context)
         return vocabulary
 
@@ -228,11 +290,9 @@ class DraftVocabulary:
         new = new[~self.members[new]]
         if not new.size:
             return
-        with torch.inference_mode():
-            rows = self.weight.dequantize(rows=torch.from_numpy(new)).numpy()
         self.members[new] = True
         self.extra_ids = np.concatenate([self.extra_ids, new])
-        self.extra_rows = np.concatenate([self.extra_rows, rows])
+        self.extra_rows = np.concatenate([self.extra_rows, self.rows.dequantize(new)])
 
     def logits(self, h: np.ndarray) -> np.ndarray:
         """h [T, dim] (final-normed, float32) -> logits [T, vocab]: the set's, -inf elsewhere."""
@@ -240,43 +300,25 @@ class DraftVocabulary:
         self.parts.matvec(h, out=out)
         if self.extra_ids.size:
             out[:, self.extra_ids] = h @ self.extra_rows.T
-        softcap = self.model.final_softcap
+        softcap = self.rows.softcap
         if softcap:
             out = np.tanh(out / softcap) * softcap  # tanh(-inf) = -1: mask again
             out[:, ~self.members] = -np.inf
         return out
 
 
-def _output_weight(model: Transformer):
-    """The packed weight behind the model's logits (its output layer or tied embedding), or None."""
-    module = model.output if model.output is not None else model.tok_embeddings
-    if getattr(module, "bias", None) is not None:
-        return None
-    return getattr(module, "weight_q", None)
-
-
-def _packed_rows(weight, size: int) -> tuple[kernels.KernelParts, np.ndarray, np.ndarray] | None:
-    """Rows 0..size-1 of a packed (or row-tiered) output matrix copied out as one kernel job, the ids it
-    covers, and the ids it leaves to float rows (low-rank tiers); None when the kernels cannot run it."""
-    ids = np.arange(size)
-    if isinstance(weight, PackedWeight):
-        pieces = [(weight, ids, ids)]
-    elif isinstance(weight, RowTieredWeight):
-        tier = weight.tier.numpy()[:size]
-        pieces = [(part, ids[tier == k], weight.local.numpy()[ids[tier == k]]) for k, part in enumerate(weight.parts)
-                  if isinstance(part, PackedWeight) and (tier == k).any()]
-    else:
-        return None
-    matrices = []
-    for part, _, local in pieces:
-        scheme = part.scheme
-        if not kernels.supports(scheme.bits, scheme.group_size, part.in_features, kernels.dtype_name(part.zeros)):
-            return None
-        matrices.append(part.select_rows(torch.from_numpy(local)).kernel())
-    if not matrices or any(m is None for m in matrices):
-        return None
-    covered = np.concatenate([global_ids for _, global_ids, _ in pieces])
-    return kernels.KernelParts(matrices, [g for _, g, _ in pieces]), covered, ids[~np.isin(ids, covered)]
+def _first_rows(rows: OutputRows, size: int) -> tuple[kernels.KernelParts, np.ndarray, np.ndarray]:
+    """Rows 0..size-1 copied out of each packed part as one kernel job, the ids it covers, and the ids
+    of no part (low-rank tiers: float rows)."""
+    matrices, ids = [], []
+    for matrix, part_ids in rows.parts:
+        mine = np.nonzero(part_ids < size)[0]
+        if mine.size:
+            matrices.append(matrix.select_rows(mine))
+            ids.append(part_ids[mine])
+    covered = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+    first = np.arange(size)
+    return kernels.KernelParts(matrices, ids), covered, first[~np.isin(first, covered)]
 
 
 def _accept(sampler: Sampler, drafts: list[int], draft_probs: list[np.ndarray], target_logits) -> list[int]:
