@@ -28,8 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft", default=None, metavar="MODEL_OR_BITS",
                         help="speculative decoding: a smaller model with the same vocabulary, or a bit width "
                              "N for the model itself at N bits (any-precision model directories)")
-    parser.add_argument("--num-draft", type=int, default=4, metavar="N",
-                        help="tokens the draft proposes per round (default: 4)")
+    parser.add_argument("--num-draft", type=int, default=3, metavar="N",
+                        help="tokens the draft proposes per round (default: 3)")
     parser.add_argument("--draft-vocab", type=int, default=None, metavar="N",
                         help="the draft scores only the first N token ids and those of the context (output "
                              "unchanged: the target checks every token); 0 = all (default: 32768)")

@@ -133,7 +133,8 @@ class GenerationResponse:
 def stream_generate(model: Transformer | KernelEngine, tokenizer, prompt: str | Sequence[int], *,
                     max_tokens: int = 256,
                     sampling: SamplingParams | None = None, stop: Sequence[str] = (),
-                    add_bos: bool | None = None, draft: Transformer | None = None, num_draft: int = 4,
+                    add_bos: bool | None = None, draft: Transformer | KernelEngine | None = None,
+                    num_draft: int = 3,
                     spec_stats=None, draft_vocab: int | None = None) -> Iterator[GenerationResponse]:
     """Yield text increments as tokens are generated; stops at EOS, a stop string, or max_tokens.
 

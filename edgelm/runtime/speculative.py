@@ -72,12 +72,13 @@ def check_draft(target: Model, draft: Model) -> None:
 
 
 def speculative_generate_step(target: Model, draft: Model, prompt: Sequence[int],
-                              sampler: Sampler | None = None, max_tokens: int = 256, num_draft: int = 4,
+                              sampler: Sampler | None = None, max_tokens: int = 256, num_draft: int = 3,
                               stats: GenerationStats | None = None,
                               spec_stats: SpeculativeStats | None = None,
                               draft_vocab: int | None = DEFAULT_DRAFT_VOCAB) -> Iterator[int]:
     """Yield the target's tokens, generated with draft proposals; same contract as generate_step. Target
-    and draft are PyTorch models or kernels-only engines, in any combination. `draft_vocab`: the draft scores only the first that many token ids and the context's (None or 0: all)."""
+    and draft are PyTorch models or kernels-only engines, in any combination. `draft_vocab`: the draft
+    scores only the first that many token ids and the context's (None or 0: all)."""
     if num_draft < 1:
         raise GenerationError(f"--num-draft must be >= 1, got {num_draft}")
     if draft_vocab is not None and draft_vocab < 0:
