@@ -172,5 +172,10 @@ def test_generation_on_the_engine_follows_its_own_greedy_steps(tmp_path):
             break
         ids.append(token)
     assert text == tokenizer.decode(ids)
-    with pytest.raises(GenerationError, match="speculative decoding runs on PyTorch models"):
-        edgelm.generate(engine, tokenizer, "hi", draft=engine)
+    # Speculative decoding runs on engines too: a second engine of the same directory accepts every draft.
+    with pytest.raises(GenerationError, match="its own draft"):
+        edgelm.generate(engine, tokenizer, "hi", draft=engine, max_tokens=4)
+    twin, _ = load_engine(path, pull=False)
+    twin.set_kv_bits(8)
+    assert edgelm.generate(engine, tokenizer, "hello world", max_tokens=12, sampling=SamplingParams(temperature=0),
+                           draft=twin, num_draft=3) == text

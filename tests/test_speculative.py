@@ -131,9 +131,14 @@ def test_accept_reject_yields_the_target_distribution():
 
 def test_bad_settings_are_refused(pair, tmp_path):
     target, _ = edgelm.load(str(pair[0]))
-    assert list(speculative_generate_step(target, target, [1, 2], max_tokens=0)) == []  # as generate_step
+    draft, _ = edgelm.load(str(pair[1]))
+    assert list(speculative_generate_step(target, draft, [1, 2], max_tokens=0)) == []  # as generate_step
     with pytest.raises(GenerationError, match="num-draft"):
-        list(speculative_generate_step(target, target, [1, 2], num_draft=0))
+        list(speculative_generate_step(target, draft, [1, 2], num_draft=0))
+    with pytest.raises(GenerationError, match="draft-vocab"):
+        list(speculative_generate_step(target, draft, [1, 2], draft_vocab=-1))
+    with pytest.raises(GenerationError, match="its own draft"):  # one object, one KV cache
+        list(speculative_generate_step(target, target, [1, 2]))
     other = write_tiny_model(tmp_path / "gemma.gguf", TinyConfig(arch="gemma3"))
     gemma, _ = edgelm.load(str(other))
     with pytest.raises(GenerationError, match="vocabulary"):

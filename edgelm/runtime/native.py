@@ -59,6 +59,7 @@ class NativeDecoder:
         # The output matrix on the kernels too (a few rows at a time), so each row matches `step`'s.
         return torch.cat([self.model.logits(part[None])[0] for part in normed.split(KERNEL_MAX_TOKENS)])
 
+    @torch.inference_mode()
     def final_hidden(self, tokens: list[int], pos: int):
         """The final-normed hidden states [T, dim] (numpy float32) the output matrix turns into logits."""
         model = self.model

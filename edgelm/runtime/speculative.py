@@ -66,6 +66,9 @@ class SpeculativeStats:
 
 
 def check_draft(target: Model, draft: Model) -> None:
+    if draft is target:  # one object has one KV cache: the draft's steps would overwrite the target's
+        raise GenerationError("a model cannot be its own draft object: load the draft separately (or use a "
+                              "smaller model, or --draft BITS for an any-precision directory)")
     if draft.args.vocab_size != target.args.vocab_size:
         raise GenerationError(f"the draft model's vocabulary ({draft.args.vocab_size} tokens) differs from the "
                               f"target's ({target.args.vocab_size}); use a draft of the same tokenizer family")
