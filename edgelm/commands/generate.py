@@ -44,9 +44,10 @@ def run(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     # With --draft too: the target decodes as it would alone, so the greedy text is the same.
     model, tokenizer = load_model(args, for_inference=True, kernels_only=True)
-    set_threads(args.threads, pytorch=not isinstance(model, KernelEngine))
     model.set_kv_bits(args.kv_bits)
     draft = load_draft(args, model)
+    engines_only = all(isinstance(m, KernelEngine) for m in (model, draft) if m is not None)
+    set_threads(args.threads, pytorch=not engines_only)
     spec = None
     if draft is not None:
         from edgelm.runtime.speculative import SpeculativeStats
