@@ -29,6 +29,40 @@ def test_filters_keep_what_they_should():
     assert kept(min_p=0.41) == [0]
 
 
+def full_vocabulary_chain(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
+    """The filter chain written over the whole vocabulary, as its definition reads."""
+    masked = logits.astype(np.float32, copy=True)
+    if p.top_k:
+        masked[logits < np.sort(logits)[-p.top_k]] = -np.inf
+    if p.top_p < 1.0:
+        e = np.exp(masked.astype(np.float64) - masked.max())
+        probs = (e / e.sum()).astype(np.float32)
+        order = np.argsort(-probs, kind="stable")
+        before = np.cumsum(probs[order]) - probs[order]
+        masked[order[before >= p.top_p]] = -np.inf
+    if p.min_p > 0.0:
+        e = np.exp(masked.astype(np.float64) - masked.max())
+        probs = (e / e.sum()).astype(np.float32)
+        masked[probs < np.float32(p.min_p) * probs.max()] = -np.inf
+    e = np.exp(masked.astype(np.float64) / p.temperature - masked.max() / p.temperature)
+    return (e / e.sum()).astype(np.float32)
+
+
+@pytest.mark.parametrize("top_k,top_p,min_p", [(40, 0.9, 0.05), (0, 0.95, 0.0), (7, 1.0, 0.1), (0, 1.0, 0.0)])
+def test_the_chain_on_the_candidates_equals_it_on_the_whole_vocabulary(top_k, top_p, min_p):
+    """The sampler filters only top-k's survivors (or the finite logits): same tokens kept, same
+    probabilities, ties at the k-th value included; -inf logits (a restricted draft vocabulary) stay 0."""
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal(5000) * 3).astype(np.float32)
+    logits[rng.choice(5000, 50)] = logits.max()  # ties at the top
+    logits[rng.choice(5000, 1000)] = -np.inf
+    params = SamplingParams(temperature=0.7, top_k=top_k, top_p=top_p, min_p=min_p)
+    ours = Sampler(params).probabilities(logits)
+    reference = full_vocabulary_chain(logits, params)
+    assert np.array_equal(ours > 0, reference > 0)
+    np.testing.assert_allclose(ours, reference, rtol=1e-6, atol=1e-9)
+
+
 def test_temperature_sharpens_and_greedy_is_one_hot():
     warm = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)).probabilities(LOGITS)
     cold = Sampler(SamplingParams(temperature=0.5, top_k=0, top_p=1.0, min_p=0.0)).probabilities(LOGITS)

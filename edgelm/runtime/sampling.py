@@ -38,13 +38,17 @@ class Sampler:
             probs = np.zeros_like(logits)
             probs[logits.argmax()] = 1.0
             return probs
-        masked = logits.astype(np.float32, copy=True)
+        # The chain runs on the candidates only (top-k's survivors, or every finite logit: a restricted draft
+        # vocabulary leaves -inf elsewhere): sorting 40 values for top-p instead of the whole vocabulary.
         if p.top_k and p.top_k < logits.size:
             kth = np.partition(logits, logits.size - p.top_k)[logits.size - p.top_k]
-            masked[logits < kth] = -np.inf
+            ids = np.flatnonzero(logits >= kth)  # ties at the k-th value stay, as llama.cpp keeps them
+        else:
+            ids = np.flatnonzero(logits > -np.inf)
+        masked = logits[ids].astype(np.float32)
         if p.top_p < 1.0:
             probs = _softmax(masked)
-            order = np.argsort(-probs, kind="stable")
+            order = np.argsort(-probs, kind="stable")  # ids ascend: ties keep the vocabulary's order
             sorted_probs = probs[order]
             # Keep the smallest prefix whose mass reaches top_p (the token crossing it included).
             before = np.cumsum(sorted_probs) - sorted_probs
@@ -52,7 +56,9 @@ class Sampler:
         if p.min_p > 0.0:
             probs = _softmax(masked)
             masked[probs < np.float32(p.min_p) * probs.max()] = -np.inf  # in float32, as the probabilities
-        return _softmax(masked / p.temperature)
+        out = np.zeros(logits.size, dtype=np.float32)
+        out[ids] = _softmax(masked / p.temperature)
+        return out
 
     def sample(self, logits) -> int:
         """Draw the next token from 1-D logits and record it."""
