@@ -63,6 +63,20 @@ def test_the_chain_on_the_candidates_equals_it_on_the_whole_vocabulary(top_k, to
     np.testing.assert_allclose(ours, reference, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("spread", [0.3, 1.0, 3.0, 10.0])
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.999])
+def test_top_p_sorts_only_the_prefix_it_needs_and_keeps_the_same_tokens(spread, top_p):
+    from edgelm.runtime.sampling import _softmax, _top_p_prefix
+
+    rng = np.random.default_rng(1)
+    logits = (rng.standard_normal(50000) * spread).astype(np.float32)
+    logits[rng.choice(50000, 200)] = np.sort(logits)[-300]  # ties inside the prefix
+    probs = _softmax(logits)
+    order = np.argsort(-probs, kind="stable")
+    before = np.cumsum(probs[order]) - probs[order]
+    assert _top_p_prefix(probs, top_p).tolist() == order[before < top_p].tolist()
+
+
 def test_temperature_sharpens_and_greedy_is_one_hot():
     warm = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)).probabilities(LOGITS)
     cold = Sampler(SamplingParams(temperature=0.5, top_k=0, top_p=1.0, min_p=0.0)).probabilities(LOGITS)
