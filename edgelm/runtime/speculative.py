@@ -19,6 +19,7 @@ merges, the most frequent pieces) and the tokens already in the context (a progr
 stays lossless: q is zero outside that set, and the target's verification (min(1, p/q), residual
 max(0, p - q)) still yields the target's distribution; the cost is that the draft can never propose a
 token outside it, which is then the target's correction.
+
 Rejected positions need no rollback: the KV caches are static and indexed by position, and a later round
 overwrites those slots before anything attends to them.
 """
