@@ -25,7 +25,7 @@ def main() -> int:
     parser.add_argument("--target", required=True)
     parser.add_argument("--target-bits", type=int, default=None, help="precision of an any-precision target")
     parser.add_argument("--draft", required=True, help="a model, or a bit width N (the target at N bits)")
-    parser.add_argument("--num-draft", type=int, nargs="+", default=[4])
+    parser.add_argument("--num-draft", type=int, nargs="+", default=[3])
     parser.add_argument("--draft-vocab", type=int, nargs="+", default=[None],
                         help="token ids the draft scores (0: all; default: the library's)")
     parser.add_argument("-n", "--max-tokens", type=int, default=128)
@@ -35,10 +35,8 @@ def main() -> int:
 
     import torch
 
-    import edgelm
     from edgelm import kernels
-    from edgelm.registry import resolve
-    from edgelm.runtime.engine import load_engine, unsupported_reason
+    from edgelm.commands.common import load_model
     from edgelm.runtime.generate import GenerationStats, generate_step
     from edgelm.runtime.sampling import Sampler, SamplingParams
     from edgelm.runtime.speculative import SpeculativeStats, speculative_generate_step
@@ -48,9 +46,7 @@ def main() -> int:
         kernels.set_threads(args.threads)
     def load(name, bits=None):
         """As `edgelm generate` loads it: on the kernels alone where the directory allows."""
-        if bits is None and unsupported_reason(resolve(name)) is None:
-            return load_engine(name)
-        return edgelm.load(name, bits=bits)
+        return load_model(argparse.Namespace(model=name, bits=bits), for_inference=True, kernels_only=True)
 
     target, tokenizer = load(args.target, args.target_bits)
     draft, _ = load(args.target, int(args.draft)) if args.draft.isdigit() else load(args.draft)
@@ -65,7 +61,7 @@ def main() -> int:
         k, vocab = config
         stats = GenerationStats()
         tokens = list(speculative_generate_step(target, draft, prompt, Sampler(greedy), args.max_tokens, k,
-                                                stats, spec, **({} if vocab is None else {"draft_vocab": vocab})))
+                                                stats, spec, vocab))
         return tokens, stats
 
     configs = [(k, v) for k in args.num_draft for v in args.draft_vocab]

@@ -21,6 +21,21 @@ from tests.tiny_gguf import TinyConfig, write_tiny_model
 GREEDY = SamplingParams(temperature=0)
 
 
+def count_calls(monkeypatch, owner, name):
+    """Counts calls of owner.name (still calling it)."""
+    original = getattr(owner, name)
+
+    class Counter:
+        calls = 0
+
+    def counted(*args, **kwargs):
+        Counter.calls += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return Counter
+
+
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """A tiny target and a different tiny draft with the same vocabulary."""
@@ -39,17 +54,17 @@ def quantized(path):
 
 @pytest.mark.parametrize("num_draft,draft_vocab,packed", [(1, None, False), (3, None, False), (5, None, False),
                                                           (3, 40, True), (4, 0, True)])
-def test_greedy_output_is_the_targets_own(pair, num_draft, draft_vocab, packed):
+def test_greedy_output_is_the_targets_own(pair, num_draft, draft_vocab, packed, monkeypatch):
     load = quantized if packed else (lambda path: edgelm.load(str(path))[0])
     target, draft = load(pair[0]), load(pair[1])
     prompt = [1, 17, 42, 99]
     plain = list(generate_step(target, prompt, Sampler(GREEDY), max_tokens=30))
     spec = SpeculativeStats()
+    restricted = count_calls(monkeypatch, DraftVocabulary, "logits")
     fast = list(speculative_generate_step(target, draft, prompt, Sampler(GREEDY), max_tokens=30,
                                           num_draft=num_draft, spec_stats=spec, draft_vocab=draft_vocab))
     assert fast == plain
-    if draft_vocab:  # the restricted draft vocabulary did run
-        assert DraftVocabulary.build(draft, draft_vocab) is not None
+    assert (restricted.calls > 0) == bool(draft_vocab)  # the restricted draft vocabulary ran, or not at all
     assert spec.rounds > 0 and spec.drafted >= spec.accepted >= 0
     assert 0.0 <= spec.acceptance <= 1.0
 
@@ -100,6 +115,16 @@ def test_draft_vocabulary_scores_its_tokens_as_the_full_output_does(tmp_path, ar
     vocabulary.add([200, 5])  # a token the context gained, and one it had
     assert np.isfinite(vocabulary.logits(hidden)[:, 200]).all()
     np.testing.assert_allclose(vocabulary.logits(hidden)[:, 200], full[:, 200], rtol=0.05, atol=0.05)
+    # New weights (a reload) are not scored with the rows copied from the old ones.
+    state = {name: value.clone() for name, value in head.state_dict().items()}
+    for name in state:
+        if name.endswith("scales"):
+            state[name] *= 2
+    with torch.inference_mode():  # the kernels' layout was built in inference mode
+        head.load_state_dict(state)
+        doubled = draft.logits(torch.from_numpy(hidden)).numpy()
+    np.testing.assert_allclose(DraftVocabulary.build(draft, 64).logits(hidden)[:, :64], doubled[:, :64],
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_accept_reject_yields_the_target_distribution():
@@ -191,6 +216,31 @@ def engine_pair(pair, tmp_path_factory):
         paths.append(save_artifact(quantized(path), tokenizer, d / name))
         assert unsupported_reason(paths[-1]) is None
     return paths
+
+
+def test_a_tiered_engine_drafts_for_itself_from_a_restricted_vocabulary(tmp_path, monkeypatch):
+    """A twin of the target drafts (so nearly every draft passes) from 64 of the vocabulary's ids, its output
+    matrix in two row tiers (as mixed precision stores gemma-3-270m's)."""
+    from edgelm.runtime.engine import KernelEngine
+    from tests.test_engine import tiny_directory
+
+    path = tiny_directory(tmp_path, "gemma3", tiered=True)
+    target, twin = KernelEngine.load(path), KernelEngine.load(path)
+    prompt = [2, 17, 42, 99]
+    plain = list(generate_step(target, prompt, Sampler(GREEDY), max_tokens=30))
+    restricted = count_calls(monkeypatch, DraftVocabulary, "logits")
+    spec, whole = SpeculativeStats(), SpeculativeStats()
+    assert list(speculative_generate_step(target, twin, prompt, Sampler(GREEDY), max_tokens=30, num_draft=3,
+                                          spec_stats=spec, draft_vocab=64)) == plain
+    assert restricted.calls > 0
+    assert list(speculative_generate_step(target, twin, prompt, Sampler(GREEDY), max_tokens=30, num_draft=3,
+                                          spec_stats=whole, draft_vocab=0)) == plain
+    assert whole.acceptance > 0.9  # the twin agrees with the target
+    inside = np.zeros(target.args.vocab_size, dtype=bool)
+    inside[:64] = True
+    inside[prompt] = True
+    # Drafts fail only where the target's token was not yet among the draft's candidates.
+    assert spec.acceptance >= whole.acceptance - np.mean(~inside[plain]) - 0.1
 
 
 @pytest.mark.parametrize("draft_vocab", [0, 40])

@@ -140,16 +140,14 @@ def stream_generate(model: Transformer | KernelEngine, tokenizer, prompt: str | 
 
     With a `draft` model, tokens come from speculative decoding (runtime/speculative.py): the same
     distribution (greedy: the same text), fewer target steps; `spec_stats` collects its acceptance and
-    `draft_vocab` bounds the token ids the draft scores (None: the default of speculative_generate_step)."""
+    `draft_vocab` bounds the token ids the draft scores (None: its default, 0: all)."""
     ids = tokenizer.encode(prompt, add_bos=add_bos) if isinstance(prompt, str) else list(prompt)
     stats = GenerationStats()
     if draft is not None:
         from edgelm.runtime.speculative import speculative_generate_step
 
-        from edgelm.runtime.speculative import DEFAULT_DRAFT_VOCAB
-
         steps = speculative_generate_step(model, draft, ids, Sampler(sampling), max_tokens, num_draft, stats,
-                                          spec_stats, DEFAULT_DRAFT_VOCAB if draft_vocab is None else draft_vocab)
+                                          spec_stats, draft_vocab)
     else:
         steps = generate_step(model, ids, Sampler(sampling), max_tokens, stats)
     detok = tokenizer.detokenizer()

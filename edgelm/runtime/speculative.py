@@ -79,10 +79,10 @@ def speculative_generate_step(target: Model, draft: Model, prompt: Sequence[int]
                               sampler: Sampler | None = None, max_tokens: int = 256, num_draft: int = 3,
                               stats: GenerationStats | None = None,
                               spec_stats: SpeculativeStats | None = None,
-                              draft_vocab: int | None = DEFAULT_DRAFT_VOCAB) -> Iterator[int]:
+                              draft_vocab: int | None = None) -> Iterator[int]:
     """Yield the target's tokens, generated with draft proposals; same contract as generate_step. Target
     and draft are PyTorch models or kernels-only engines, in any combination. `draft_vocab`: the draft
-    scores only the first that many token ids and the context's (None or 0: all)."""
+    scores only the first that many token ids and the context's (None: DEFAULT_DRAFT_VOCAB; 0: all)."""
     if num_draft < 1:
         raise GenerationError(f"--num-draft must be >= 1, got {num_draft}")
     if draft_vocab is not None and draft_vocab < 0:
@@ -106,8 +106,10 @@ def speculative_generate_step(target: Model, draft: Model, prompt: Sequence[int]
         prefill(draft, prompt)
         if max_tokens == 0:
             return
-        proposer = DraftProposer(draft, sampler, draft_vocab, prompt)
+        proposer = DraftProposer(draft, sampler, DEFAULT_DRAFT_VOCAB if draft_vocab is None else draft_vocab,
+                                 prompt)
         token = sampler.sample(logits)
+        proposer.see([token])
         stats.generation_tokens = 1
         stats.first_token_seconds = time.perf_counter() - start
         yield token
@@ -243,13 +245,15 @@ def output_rows(model: Model) -> OutputRows | None:
     if getattr(module, "bias", None) is not None or getattr(weight, "scale_gain", None) is not None:
         return None
     if isinstance(weight, PackedWeight):
-        parts = [(weight.kernel(), np.arange(weight.out_features))]
+        matrix = weight.kernel()
+        parts = None if matrix is None else [(matrix, np.arange(weight.out_features))]
     elif isinstance(weight, RowTieredWeight):
-        parts = [(part.kernel(), rows.numpy().astype(np.int64)) for part, rows in zip(weight.parts, weight.rows)
-                 if isinstance(part, PackedWeight)]
+        joined = weight.kernel_parts()  # its packed tiers (low-rank ones are not in it)
+        parts = None if joined is None else [(m, np.asarray(ids, dtype=np.int64))
+                                             for m, ids in zip(joined.matrices, joined.out_indices)]
     else:
         return None
-    if any(matrix is None for matrix, _ in parts):
+    if parts is None:
         return None
 
     def rows_of_model(wanted: np.ndarray) -> np.ndarray:
@@ -267,25 +271,35 @@ class DraftVocabulary:
     them) are few and kept as dequantized float32 rows.
     """
 
-    def __init__(self, rows: OutputRows, parts: kernels.KernelParts, ids: np.ndarray, vocab_size: int):
+    def __init__(self, rows: OutputRows, parts: kernels.KernelParts, ids: np.ndarray, vocab_size: int,
+                 extra_ids: np.ndarray, extra_rows: np.ndarray):
         self.rows, self.parts = rows, parts
         self.members = np.zeros(vocab_size, dtype=bool)
         self.members[ids] = True
-        self.extra_ids = np.zeros(0, dtype=np.int64)
-        self.extra_rows = np.zeros((0, parts.cols), dtype=np.float32)
+        self.members[extra_ids] = True
+        self.extra_ids, self.extra_rows = extra_ids, extra_rows
 
     @classmethod
     def build(cls, model: Model, size: int, context: Sequence[int] = ()) -> DraftVocabulary | None:
-        """The first `size` ids and those of `context`; None when the output matrix is not packed."""
-        key = f"_draft_vocabulary_{size}"  # the copied rows, kept with the model for its next generations
-        if key not in model.__dict__:
-            rows = output_rows(model)
-            model.__dict__[key] = None if rows is None else (rows, *_first_rows(rows, size))
-        if model.__dict__[key] is None:
+        """The first `size` ids and those of `context`; None when the output matrix is not on the kernels."""
+        rows = output_rows(model)
+        if rows is None:
             return None
-        rows, parts, covered, rest = model.__dict__[key]
-        vocabulary = cls(rows, parts, covered, model.args.vocab_size)
-        vocabulary.add(rest)
+        # The copied rows are kept with the model for its next generations, as long as its output matrix
+        # is the same (a replaced or reloaded weight gets new kernel matrices).
+        key = f"_draft_vocabulary_{size}"
+        cached = model.__dict__.get(key)
+        if cached is None or len(cached[0]) != len(rows.parts) or any(
+                a is not b for a, (b, _) in zip(cached[0], rows.parts)):
+            first = _first_rows(rows, size)
+            if first is None:
+                return None
+            parts, covered, rest = first
+            rest_rows = rows.dequantize(rest) if rest.size else np.zeros((0, parts.cols), dtype=np.float32)
+            cached = ([m for m, _ in rows.parts], parts, covered, rest, rest_rows)
+            model.__dict__[key] = cached
+        _, parts, covered, rest, rest_rows = cached
+        vocabulary = cls(rows, parts, covered, model.args.vocab_size, rest, rest_rows)
         vocabulary.add(context)
         return vocabulary
 
@@ -312,16 +326,18 @@ class DraftVocabulary:
         return out
 
 
-def _first_rows(rows: OutputRows, size: int) -> tuple[kernels.KernelParts, np.ndarray, np.ndarray]:
+def _first_rows(rows: OutputRows, size: int) -> tuple[kernels.KernelParts, np.ndarray, np.ndarray] | None:
     """Rows 0..size-1 copied out of each packed part as one kernel job, the ids it covers, and the ids
-    of no part (low-rank tiers: float rows)."""
+    of no part (low-rank tiers: float rows); None when no packed part holds any of them."""
     matrices, ids = [], []
     for matrix, part_ids in rows.parts:
         mine = np.nonzero(part_ids < size)[0]
         if mine.size:
             matrices.append(matrix.select_rows(mine))
             ids.append(part_ids[mine])
-    covered = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+    if not matrices:
+        return None
+    covered = np.concatenate(ids)
     first = np.arange(size)
     return kernels.KernelParts(matrices, ids), covered, first[~np.isin(first, covered)]
 
