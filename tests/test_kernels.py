@@ -143,6 +143,22 @@ def test_portable_path_agrees_with_simd_path(bits, group):
 
 
 @needs_kernels
+def test_activation_quantization_is_the_same_on_every_path():
+    """The SIMD path quantizes activations to exactly the portable path's codes, scales and sums (ties
+    rounded to even, a zero block, values spanning magnitudes)."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(64, 640, generator=g) * torch.tensor([1e-3, 1.0, 50.0])[torch.randint(0, 3, (64, 640), generator=g)]
+    x[0, :32] = 0
+    x[1, :32] = torch.arange(32) - 15.5
+    x[2, :32] = 127.0 / torch.arange(1, 33)
+    fast = QuantizedActivations(x)
+    with kernels.generic_path():
+        portable = QuantizedActivations(x)
+    for name in ("xq", "dx", "bsum"):
+        assert torch.equal(getattr(fast, name), getattr(portable, name)), name
+
+
+@needs_kernels
 def test_threads_do_not_change_the_result_and_outputs_can_be_scattered():
     weight = packed(4099, 128, 4, 64)  # an odd row count: uneven pieces across threads
     km = KernelMatrix.from_packed(weight)
