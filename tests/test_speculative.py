@@ -184,6 +184,8 @@ def test_cli_draft_gives_the_same_greedy_text_and_reports_acceptance(pair, tmp_p
     other = write_tiny_model(tmp_path / "gemma.gguf", TinyConfig(arch="gemma3"))
     bad = run_cli(*common, "--draft", str(other))
     assert bad.returncode != 0 and "vocabulary" in bad.stderr and "Traceback" not in bad.stderr
+    alone = run_cli(*common, "--draft-vocab", "100")  # nothing to restrict without a draft
+    assert alone.returncode != 0 and "--draft" in alone.stderr and "Traceback" not in alone.stderr
 
 
 def test_self_speculative_draft_from_an_any_precision_directory(tmp_path):

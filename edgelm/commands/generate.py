@@ -15,6 +15,7 @@ from edgelm.commands.common import (
     sampling_params,
     set_threads,
 )
+from edgelm.errors import GenerationError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from edgelm.runtime.engine import KernelEngine
 
     params = sampling_params(args)
+    if args.draft is None and args.draft_vocab is not None:
+        raise GenerationError("--draft-vocab applies to speculative decoding: add --draft MODEL")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     # With --draft too: the target decodes as it would alone, so the greedy text is the same.
     model, tokenizer = load_model(args, for_inference=True, kernels_only=True)
