@@ -209,10 +209,8 @@ class KernelEngine:
             x *= np.float32(self.embed_scale)
         return x
 
-    def _logits(self, h: np.ndarray) -> np.ndarray:
-        return self._logits_of_normed(rms_norm(h, self.final_norm, self.args.norm_eps))
-
-    def _logits_of_normed(self, normed: np.ndarray) -> np.ndarray:
+    def _logits(self, normed: np.ndarray) -> np.ndarray:
+        """Logits of final-normed hidden states."""
         out = self.output.matvec(normed)
         if self.softcap:
             out = np.tanh(out / self.softcap) * self.softcap
@@ -235,7 +233,7 @@ class KernelEngine:
             x = self._embed(list(tokens[begin:begin + chunk]))
             self.stack.run(x, start_pos + begin)
         self.pos = start_pos + len(tokens)
-        return self._logits(x[-1:])[0]
+        return self._logits(rms_norm(x[-1:], self.final_norm, self.args.norm_eps))[0]
 
     def decode(self, token: int) -> np.ndarray:
         """Logits [vocab] after `token`, which takes the next position."""
@@ -244,7 +242,7 @@ class KernelEngine:
     def steps(self, tokens: list[int], pos: int | None = None) -> np.ndarray:
         """Logits [T, vocab] after each of T tokens from position `pos` (default: the next one); each row is
         bit-identical to decoding the tokens one at a time."""
-        return self._logits_of_normed(self.final_hidden(tokens, pos))
+        return self._logits(self.final_hidden(tokens, pos))
 
     def final_hidden(self, tokens: list[int], pos: int | None = None) -> np.ndarray:
         """As `steps`, up to the final norm: the hidden states [T, dim] the output matrix turns into logits."""

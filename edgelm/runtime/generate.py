@@ -49,8 +49,14 @@ def prefill(model: Transformer | KernelEngine, tokens: Sequence[int], start_pos:
 
 def decode_step(model: Transformer | KernelEngine, token: int, pos: int) -> torch.Tensor:
     """One token in, next-token logits out (on the compiled step when the model can run there)."""
+    return decode_steps(model, [token], pos)[0]
+
+
+def decode_steps(model: Transformer | KernelEngine, tokens: list[int], pos: int):
+    """Logits [T, vocab] after each of `tokens` (from position pos), as decoding them one by one computes
+    them: the compiled step's batches are bit-identical to its single steps (speculative verification)."""
     if isinstance(model, KernelEngine):
-        return model.steps([token], pos)[0]
+        return model.steps(tokens, pos)
     import torch
 
     from edgelm.runtime.native import native_decoder
@@ -58,8 +64,8 @@ def decode_step(model: Transformer | KernelEngine, token: int, pos: int) -> torc
     with torch.inference_mode():
         native = native_decoder(model)
         if native is not None:
-            return native.step(token, pos)
-        return model(torch.tensor([[token]]), torch.tensor([pos]))[0, -1]
+            return native.steps(tokens, pos)
+        return model(torch.tensor([tokens]), torch.arange(pos, pos + len(tokens)))[0]
 
 
 def check_lengths(prompt_tokens: int, max_tokens: int, context: int) -> None:

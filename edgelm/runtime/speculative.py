@@ -36,7 +36,7 @@ import numpy as np
 from edgelm import kernels
 from edgelm.errors import GenerationError
 from edgelm.runtime.engine import KernelEngine
-from edgelm.runtime.generate import GenerationStats, check_lengths, decode_step, prefill
+from edgelm.runtime.generate import GenerationStats, check_lengths, decode_step, decode_steps, prefill
 from edgelm.runtime.sampling import Sampler
 
 if TYPE_CHECKING:  # PyTorch only for PyTorch models: engines speculate without it
@@ -125,7 +125,7 @@ def speculative_generate_step(target: Model, draft: Model, prompt: Sequence[int]
                 continue
             drafts, draft_probs = proposer.propose(draft_pending + [token], pos - len(draft_pending), k)
             # The target scores `token` and every draft in one batch: logits for k + 1 next positions.
-            target_logits = _score(target, [token, *drafts], pos)
+            target_logits = decode_steps(target, [token, *drafts], pos)
             emitted = _accept(sampler, drafts, draft_probs, target_logits)
             n_accepted = len(emitted) - 1
             spec.rounds += 1
@@ -147,22 +147,6 @@ def speculative_generate_step(target: Model, draft: Model, prompt: Sequence[int]
         draft.clear_caches()
 
 
-def _score(model: Model, tokens: list[int], pos: int):
-    """Logits [T, vocab] after each of `tokens` (from position pos), as plain decoding would compute them:
-    the compiled step's batches are bit-identical to its single steps, so greedy output cannot drift."""
-    if isinstance(model, KernelEngine):
-        return model.steps(tokens, pos)
-    import torch
-
-    from edgelm.runtime.native import native_decoder
-
-    native = native_decoder(model)
-    if native is not None:
-        return native.steps(tokens, pos)
-    with torch.inference_mode():
-        return model(torch.tensor([tokens]), torch.arange(pos, pos + len(tokens)))[0]
-
-
 class DraftProposer:
     """The draft's side of a round: k tokens and the distributions they were drawn from."""
 
@@ -181,7 +165,7 @@ class DraftProposer:
     def _logits(self, tokens: list[int], pos: int):
         """Draft logits after the last of `tokens` (from position pos)."""
         if self.vocabulary is None:
-            return decode_step(self.draft, tokens[0], pos) if len(tokens) == 1 else _score(self.draft, tokens, pos)[-1]
+            return decode_steps(self.draft, tokens, pos)[-1]
         return self.vocabulary.logits(self.final_hidden(tokens, pos)[-1:])[0]
 
     def propose(self, feed: list[int], pos: int, k: int) -> tuple[list[int], list[np.ndarray]]:
@@ -277,6 +261,7 @@ class DraftVocabulary:
         self.members = np.zeros(vocab_size, dtype=bool)
         self.members[ids] = True
         self.members[extra_ids] = True
+        self.member_ids = np.flatnonzero(self.members)
         self.extra_ids, self.extra_rows = extra_ids, extra_rows
 
     @classmethod
@@ -289,14 +274,14 @@ class DraftVocabulary:
         # is the same (a replaced or reloaded weight gets new kernel matrices).
         key = f"_draft_vocabulary_{size}"
         cached = model.__dict__.get(key)
-        if cached is None or len(cached[0]) != len(rows.parts) or any(
-                a is not b for a, (b, _) in zip(cached[0], rows.parts)):
+        matrices = [m for m, _ in rows.parts]  # compared by identity (KernelMatrix has no __eq__)
+        if cached is None or cached[0] != matrices:
             first = _first_rows(rows, size)
             if first is None:
                 return None
             parts, covered, rest = first
             rest_rows = rows.dequantize(rest) if rest.size else np.zeros((0, parts.cols), dtype=np.float32)
-            cached = ([m for m, _ in rows.parts], parts, covered, rest, rest_rows)
+            cached = (matrices, parts, covered, rest, rest_rows)
             model.__dict__[key] = cached
         _, parts, covered, rest, rest_rows = cached
         vocabulary = cls(rows, parts, covered, model.args.vocab_size, rest, rest_rows)
@@ -310,6 +295,7 @@ class DraftVocabulary:
         if not new.size:
             return
         self.members[new] = True
+        self.member_ids = np.flatnonzero(self.members)
         self.extra_ids = np.concatenate([self.extra_ids, new])
         self.extra_rows = np.concatenate([self.extra_rows, self.rows.dequantize(new)])
 
@@ -320,9 +306,8 @@ class DraftVocabulary:
         if self.extra_ids.size:
             out[:, self.extra_ids] = h @ self.extra_rows.T
         softcap = self.rows.softcap
-        if softcap:
-            out = np.tanh(out / softcap) * softcap  # tanh(-inf) = -1: mask again
-            out[:, ~self.members] = -np.inf
+        if softcap:  # on the set only: the rest stays -inf (and is not worth a tanh per token)
+            out[:, self.member_ids] = np.tanh(out[:, self.member_ids] / softcap) * softcap
         return out
 
 
