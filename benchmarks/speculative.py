@@ -1,6 +1,7 @@
 """Speculative decoding against plain decoding of the same target, greedy, both in one run, alternating.
 
     python benchmarks/speculative.py --target DIR_OR_MODEL --draft DIR_OR_MODEL_OR_BITS [-n 128] [--reps 3]
+    python benchmarks/speculative.py --target qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b-instruct --reps 5
 
 Prints decode tokens/s of plain and speculative generation (median of the repetitions, min-max), the
 speed-up, the acceptance (accepted ÷ drafted draft tokens), the mean accepted length per round, and
