@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["load", "generate", "stream_generate", "SamplingParams", "perplexity_of_file", "EdgelmError"]
+__all__ = ["load", "generate", "stream_generate", "SamplingParams", "perplexity_of_file", "to_device", "EdgelmError"]
 
 _EXPORTS = {
     "load": "edgelm.loading",
@@ -20,6 +20,7 @@ _EXPORTS = {
     "stream_generate": "edgelm.runtime.generate",
     "SamplingParams": "edgelm.runtime.sampling",
     "perplexity_of_file": "edgelm.bench.quality",
+    "to_device": "edgelm.runtime.device",
     "EdgelmError": "edgelm.errors",
 }
 

@@ -46,3 +46,7 @@ class BenchmarkError(EdgelmError):
 
 class RecipeError(EdgelmError):
     """A compression recipe has an unknown step, an unknown field or an invalid value."""
+
+
+class DeviceError(EdgelmError):
+    """The requested device is unknown or not present (e.g. --device cuda on a machine without a GPU)."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgelm.commands.common import (add_kv_bits_argument, add_model_argument, add_precision_argument,
-                                    add_sampling_arguments, add_threads_argument, load_model, sampling_params,
-                                    set_threads)
+from edgelm.commands.common import (add_device_argument, add_kv_bits_argument, add_model_argument,
+                                    add_precision_argument, add_sampling_arguments, add_threads_argument, load_model,
+                                    sampling_params, set_threads)
 
 HELP = "Type a message and press Enter. /clear starts over, /exit (or Ctrl-D) quits."
 
@@ -18,6 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", default=None, help="system prompt")
     add_sampling_arguments(parser)
     add_threads_argument(parser)
+    add_device_argument(parser)
     add_kv_bits_argument(parser)
 
 

@@ -25,6 +25,14 @@ def load_model(args: argparse.Namespace, *, for_inference: bool = False, kernels
     import edgelm
 
     bits = getattr(args, "bits", None)
+    device = getattr(args, "device", None)
+    if device is not None and device != "cpu":
+        from edgelm.runtime.device import resolve_device, to_device
+
+        device = resolve_device(device)
+        if device != "cpu":  # the kernels are CPU code: a PyTorch model, made dense on the GPU
+            model, tokenizer = edgelm.load(args.model, bits=bits, keep_quantized=for_inference)
+            return to_device(model, device), tokenizer
     if kernels_only and bits is None:
         from edgelm.registry import resolve
         from edgelm.runtime.engine import load_engine, unsupported_reason
@@ -33,6 +41,12 @@ def load_model(args: argparse.Namespace, *, for_inference: bool = False, kernels
         if unsupported_reason(path) is None:
             return load_engine(path)
     return edgelm.load(args.model, bits=bits, keep_quantized=for_inference)
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", metavar="DEVICE",
+                        help="where the model runs: cpu (packed weights on the compiled kernels), cuda or cuda:N "
+                             "(dense bfloat16 weights on the GPU), auto (cuda when there is one) (default: cpu)")
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:

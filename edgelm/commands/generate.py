@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from edgelm.commands.common import (
+    add_device_argument,
     add_kv_bits_argument,
     add_model_argument,
     add_precision_argument,
@@ -24,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-p", "--prompt", required=True, help="prompt text ('-' reads standard input)")
     add_sampling_arguments(parser)
     add_threads_argument(parser)
+    add_device_argument(parser)
     add_kv_bits_argument(parser)
     parser.add_argument("--no-bos", action="store_true", help="do not add the BOS token to the prompt")
     parser.add_argument("--draft", default=None, metavar="MODEL_OR_BITS",
@@ -86,9 +88,10 @@ def load_draft(args: argparse.Namespace, model):
     from edgelm.runtime.speculative import check_draft
 
     if args.draft.isdigit():
-        draft, _ = edgelm.load(args.model, bits=int(args.draft))
+        draft, _ = load_model(argparse.Namespace(model=args.model, bits=int(args.draft), device=args.device))
     else:
-        draft, _ = load_model(argparse.Namespace(model=args.draft), for_inference=True, kernels_only=True)
+        draft, _ = load_model(argparse.Namespace(model=args.draft, device=args.device), for_inference=True,
+                              kernels_only=True)
     draft.set_kv_bits(args.kv_bits)
     check_draft(model, draft)
     return draft

@@ -245,11 +245,12 @@ class Transformer(nn.Module):
             if layer.attn.kv_quant is not None:
                 from edgelm.runtime.kv_cache import QuantizedKVCache
 
-                layer.attn.kv_cache = QuantizedKVCache(batch, self.args.n_kv_heads, max_len, self.args.head_dim,
-                                                       layer.attn.kv_quant)
+                cache = QuantizedKVCache(batch, self.args.n_kv_heads, max_len, self.args.head_dim,
+                                         layer.attn.kv_quant)
             else:
-                layer.attn.kv_cache = KVCache(batch, self.args.n_kv_heads, max_len, self.args.head_dim,
-                                              dtype or layer.attn.kv_dtype)
+                cache = KVCache(batch, self.args.n_kv_heads, max_len, self.args.head_dim,
+                                dtype or layer.attn.kv_dtype)
+            layer.attn.kv_cache = cache if self.device.type == "cpu" else cache.to(self.device)
         self.cache_len = max_len
         self._release_compiled_step()
 
@@ -321,6 +322,10 @@ class Transformer(nn.Module):
         if self.final_softcap:
             out = torch.tanh(out / self.final_softcap) * self.final_softcap
         return out
+
+    @property
+    def device(self) -> torch.device:
+        return self.inv_freq.device
 
     @property
     def n_parameters(self) -> int:

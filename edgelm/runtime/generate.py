@@ -37,14 +37,24 @@ def prefill(model: Transformer | KernelEngine, tokens: Sequence[int], start_pos:
     if not tokens:
         raise GenerationError("the prompt is empty: give at least one token (models that add BOS do so)")
     model.restore_torch_threads()  # batched matmuls want every thread again
-    ids = torch.tensor(tokens, dtype=torch.long)
+    device = model.device
+    ids = torch.tensor(tokens, dtype=torch.long, device=device)
     logits = None
     with torch.inference_mode(), batched_matmul_dtype(kernels.batched_dtype()):
         for begin in range(0, len(tokens), chunk):
             part = ids[begin:begin + chunk]
-            pos = torch.arange(start_pos + begin, start_pos + begin + len(part))
+            pos = torch.arange(start_pos + begin, start_pos + begin + len(part), device=device)
             logits = model(part[None], pos, logits_at=slice(-1, None))
-    return logits[0, -1]
+    return _host_logits(logits[0, -1])
+
+
+def _host_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Logits as the sampler takes them: float32 in host memory (a GPU model's come back from the device)."""
+    import torch
+
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return logits
+    return logits.float().cpu()
 
 
 def decode_step(model: Transformer | KernelEngine, token: int, pos: int) -> torch.Tensor:
@@ -65,7 +75,9 @@ def decode_steps(model: Transformer | KernelEngine, tokens: list[int], pos: int)
         native = native_decoder(model)
         if native is not None:
             return native.steps(tokens, pos)
-        return model(torch.tensor([tokens]), torch.arange(pos, pos + len(tokens)))[0]
+        device = model.device
+        logits = model(torch.tensor([tokens], device=device), torch.arange(pos, pos + len(tokens), device=device))
+        return _host_logits(logits[0])
 
 
 def check_lengths(prompt_tokens: int, max_tokens: int, context: int) -> None:

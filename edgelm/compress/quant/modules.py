@@ -55,7 +55,8 @@ def kernels_usable(weight: nn.Module) -> bool:
 
 
 def batched_eligible(weight: nn.Module, x: torch.Tensor) -> bool:
-    return x.dtype == torch.float32 and kernels_usable(weight)
+    # The kernels are CPU code: a model moved to a GPU computes with PyTorch there.
+    return x.dtype == torch.float32 and x.device.type == "cpu" and kernels_usable(weight)
 
 
 # Rows dequantized at a time by the batched path: the whole matrix for a projection, slices of the
@@ -167,7 +168,7 @@ class PackedWeight(nn.Module):
 
     def dequantize(self, rows: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if rows is not None and rows.numel() <= LOOKUP_MAX_ROWS and dtype == torch.float32:
-            km = self.kernel() if kernels_usable(self) else None
+            km = self.kernel() if kernels_usable(self) and self.packed.device.type == "cpu" else None
             if km is not None:  # token lookups while decoding: a few rows, in C (bit-exact)
                 out = torch.empty(rows.numel(), self.in_features)
                 for i, row in enumerate(rows.tolist()):
