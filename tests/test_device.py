@@ -102,3 +102,10 @@ def test_speculative_decoding_runs_on_dense_models(tiny_path, tmp_path):
     stats = SpeculativeStats()
     tokens = list(speculative_generate_step(target, draft, PROMPT, Sampler(GREEDY), 12, 3, spec_stats=stats))
     assert tokens == plain and stats.rounds > 0
+
+
+def test_packed_weights_off_the_host_never_reach_the_kernels(tiny_path):
+    weight = packed(tiny_path).layers[0].attn.wq.weight_q
+    assert weight.kernel() is not None
+    weight.to("meta")  # any device but the CPU: no pointers handed to C, PyTorch computes instead
+    assert weight.kernel() is None

@@ -17,9 +17,6 @@ if TYPE_CHECKING:
 
     from edgelm.models.base import Transformer
 
-DEVICES = ("cpu", "cuda", "auto")
-
-
 def resolve_device(name: str | None) -> str:
     """'cpu', 'cuda' or 'cuda:N' for a --device value; 'auto' (or None) picks CUDA when PyTorch sees a GPU."""
     import torch

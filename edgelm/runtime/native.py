@@ -91,7 +91,7 @@ def single_threaded_torch(model: Transformer) -> None:
 
 def native_decoder(model: Transformer) -> NativeDecoder | None:
     """The model's compiled decode step for its current caches, or None when it must decode eagerly."""
-    if not model.cache_len or not kernels.available() or model.device.type != "cpu":
+    if not model.cache_len or not kernels.available():
         return None
     if "_native_decoder" not in model.__dict__:  # built once per setup_caches (clear_caches drops it)
         model.__dict__["_native_decoder"] = NativeDecoder(model) if _eligible(model) else None

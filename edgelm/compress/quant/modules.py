@@ -55,8 +55,7 @@ def kernels_usable(weight: nn.Module) -> bool:
 
 
 def batched_eligible(weight: nn.Module, x: torch.Tensor) -> bool:
-    # The kernels are CPU code: a model moved to a GPU computes with PyTorch there.
-    return x.dtype == torch.float32 and x.device.type == "cpu" and kernels_usable(weight)
+    return x.dtype == torch.float32 and kernels_usable(weight)
 
 
 # Rows dequantized at a time by the batched path: the whole matrix for a projection, slices of the
@@ -168,7 +167,7 @@ class PackedWeight(nn.Module):
 
     def dequantize(self, rows: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if rows is not None and rows.numel() <= LOOKUP_MAX_ROWS and dtype == torch.float32:
-            km = self.kernel() if kernels_usable(self) and self.packed.device.type == "cpu" else None
+            km = self.kernel() if kernels_usable(self) else None
             if km is not None:  # token lookups while decoding: a few rows, in C (bit-exact)
                 out = torch.empty(rows.numel(), self.in_features)
                 for i, row in enumerate(rows.tolist()):
@@ -186,10 +185,12 @@ class PackedWeight(nn.Module):
                    if b is not self.zeros or not self.scheme.symmetric)
 
     def kernel(self) -> kernels.KernelMatrix | None:
-        """This weight in the kernels' layout (built on first use), or None when the kernels cannot run it."""
+        """This weight in the kernels' layout (built on first use), or None when the kernels cannot run it:
+        an unsupported shape, or buffers outside host memory (the kernels are CPU code; a model moved to a
+        GPU computes with PyTorch there)."""
         if getattr(self, "_kernel", None) is None:
-            if not kernels.supports(self.scheme.bits, self.scheme.group_size, self.in_features,
-                                    kernels.dtype_name(self.zeros)):
+            if self.packed.device.type != "cpu" or not kernels.supports(
+                    self.scheme.bits, self.scheme.group_size, self.in_features, kernels.dtype_name(self.zeros)):
                 return None
             self._kernel = kernels.KernelMatrix.from_packed(self)
         return self._kernel
