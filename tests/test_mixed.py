@@ -85,3 +85,38 @@ def test_gptq_applies_the_plan_better_than_rtn(tmp_path):
     assert klds["gptq"] < 0.9 * klds["rtn"], klds
     with pytest.raises(RecipeError, match="method must be 'gptq' or 'rtn'"):
         MixedPrecision(method="awq")
+
+
+def test_one_analysis_serves_every_budget_of_the_same_model(tmp_path):
+    """Compressing the same model to several budgets measures it once; the reused analysis gives the
+    model a fresh one would, and any change to the weights, the data or the settings measures again."""
+    import copy
+
+    from edgelm.compress.quant import mixed
+
+    path = write_tiny_model(tmp_path / "m.gguf", TinyConfig(arch="qwen2", dim=128, hidden_dim=256, n_layers=2))
+    base, _ = edgelm.load(path)
+    calibration = Calibration(torch.randint(3, base.args.vocab_size, (4, 32), generator=torch.Generator()
+                                            .manual_seed(0)), "random")
+    mixed._last_analysis = None
+    compress(copy.deepcopy(base), [MixedPrecision(target_bpw=4.5)], calibration)
+    first = mixed._last_analysis
+    reused = compress(copy.deepcopy(base), [MixedPrecision(target_bpw=3.0, method="rtn")], calibration)
+    assert mixed._last_analysis is first
+    mixed._last_analysis = None
+    fresh = compress(copy.deepcopy(base), [MixedPrecision(target_bpw=3.0, method="rtn")], calibration)
+    assert fresh.mixed_precision_plan == reused.mixed_precision_plan
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), reused.state_dict().values()))
+
+    keys = [mixed._last_analysis[0]]
+    changed = copy.deepcopy(base)
+    with torch.no_grad():
+        changed.layers[0].attn.wq.weight.mul_(1.01)
+    compress(changed, [MixedPrecision(target_bpw=3.0)], calibration)
+    keys.append(mixed._last_analysis[0])
+    other_data = Calibration(calibration.tokens.flip(0), "random")
+    compress(copy.deepcopy(base), [MixedPrecision(target_bpw=3.0)], other_data)
+    keys.append(mixed._last_analysis[0])
+    compress(copy.deepcopy(base), [MixedPrecision(target_bpw=3.0, unseen_mass=0.2)], other_data)
+    keys.append(mixed._last_analysis[0])
+    assert len(set(keys)) == 4

@@ -15,9 +15,10 @@ the upgrades with the best damage saved per byte. The budget counts everything m
 
 from __future__ import annotations
 
+import hashlib
 import math
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar
 
 import torch
@@ -126,19 +127,8 @@ class MixedPrecision(Step):
     def apply(self, model: nn.Module, calibration: Any = None) -> nn.Module:
         modules = dict(target_modules(model, embedding=True, ignore=self.ignore))
         weights = {name: m.weight.detach().float() for name, m in modules.items()}
-        channel_power, head_inputs = input_channel_power(model, modules, calibration)
-        slots = self.slots(model, modules, head_inputs, calibration)
-        formats, low_rank = self.candidate_formats()
-        tiers = {key: slot for key, slot in slots.items() if slot.rows is not None}
-        options = {key: candidates(slot.weight(weights), channel_power.get(slot.module), formats)
-                   for key, slot in slots.items() if key not in tiers}
-        if calibration is not None:
-            options = scale_by_kl(model, modules, weights, channel_power, slots, options, calibration)
-        head_hessian = None  # the metric of low-rank tiers: the output's, when the embedding is also the output
-        if tiers:  # calibration is there: tiers come from it
-            head_hessian = output_hessian(head_inputs) if model.output is None else None
-            options.update(tier_candidates(model, weights, tiers, head_inputs, head_hessian, formats, low_rank,
-                                           self.unseen_mass, self.low_rank_below, calibration))
+        slots, measured, head_hessian = self.analyze(model, modules, weights, calibration)
+        options = {key: list(opts) for key, opts in measured.items()}
         kept: dict[str, PackedWeight] = {}  # slot -> the source file's grid of its rows
         if self.keep_source:
             grids = SourceGrids(model)
@@ -186,6 +176,46 @@ class MixedPrecision(Step):
         model.mixed_precision_plan = {key: c.label for key, c in choice.items()}
         return model
 
+    def analyze(self, model: nn.Module, modules: dict[str, nn.Module], weights: dict[str, torch.Tensor],
+                calibration) -> tuple[dict[str, Slot], dict[str, list[Candidate]], torch.Tensor | None]:
+        """The allocation units, every candidate format's damage and bytes for each, and the output's
+        Hessian: all that does not depend on the budget. The last analysis is kept, keyed by the model's
+        state, the calibration tokens and every setting but `target_bpw` and `method`, so compressing the
+        same model to several budgets (a ladder, a device search) measures the model once."""
+        global _last_analysis
+        key = self._analysis_key(model, calibration)
+        if _last_analysis is not None and _last_analysis[0] == key:
+            return _last_analysis[1]
+        _last_analysis = None  # free the old one before measuring
+        channel_power, head_inputs = input_channel_power(model, modules, calibration)
+        slots = self.slots(model, modules, head_inputs, calibration)
+        formats, low_rank = self.candidate_formats()
+        tiers = {key: slot for key, slot in slots.items() if slot.rows is not None}
+        plain = [key for key in slots if key not in tiers]
+        options = {key: candidates(slots[key].weight(weights), channel_power.get(slots[key].module), formats)
+                   for key in _progress(plain, "error per format")}
+        if calibration is not None:
+            options = scale_by_kl(model, modules, weights, channel_power, slots, options, calibration)
+        head_hessian = None  # the metric of low-rank tiers: the output's, when the embedding is also the output
+        if tiers:  # calibration is there: tiers come from it
+            head_hessian = output_hessian(head_inputs) if model.output is None else None
+            options.update(tier_candidates(model, weights, tiers, head_inputs, head_hessian, formats, low_rank,
+                                           self.unseen_mass, self.low_rank_below, calibration))
+        _last_analysis = (key, (slots, options, head_hessian))
+        return _last_analysis[1]
+
+    def _analysis_key(self, model: nn.Module, calibration) -> str:
+        digest = hashlib.blake2b(digest_size=16)
+        settings = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("target_bpw", "method")}
+        digest.update(repr(sorted(settings.items())).encode())
+        for name, tensor in [*model.state_dict().items(), ("calibration", None if calibration is None
+                                                             else calibration.tokens)]:
+            digest.update(name.encode())
+            if tensor is not None:
+                digest.update(f"{tuple(tensor.shape)}{tensor.dtype}".encode())
+                digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        return digest.hexdigest()
+
     def slots(self, model: nn.Module, modules: dict[str, nn.Module], head_inputs: torch.Tensor | None,
               calibration) -> dict[str, Slot]:
         """Units of allocation: one per tensor, but the token embedding split into row tiers by importance."""
@@ -200,6 +230,15 @@ class MixedPrecision(Step):
         for k, (start, end) in enumerate(zip(bounds, bounds[1:])):
             slots[f"{name}[{k}]"] = Slot(name, order[start:end].sort().values)
         return slots
+
+
+_last_analysis: tuple[str, tuple] | None = None  # (key, MixedPrecision.analyze's result)
+
+
+def _progress(items, desc: str, unit: str = "tensor"):
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit=unit, file=sys.stderr)
 
 
 @dataclass(frozen=True)
@@ -254,13 +293,11 @@ KL_SAMPLES, KL_TOKENS = 2, 128
 @torch.inference_mode()
 def scale_by_kl(model, modules, weights, channel_power, slots, options, calibration) -> dict[str, list[Candidate]]:
     """Re-express each slot's damages in KL units: one forward pass per slot at the reference format."""
-    from tqdm import tqdm
-
     tokens = calibration.tokens[:KL_SAMPLES, :KL_TOKENS]
     positions = slice(tokens.shape[1] // 2, None)  # later positions: full context, and fewer logits to compute
     reference = torch.log_softmax(model(tokens, logits_at=positions).float(), -1)
     scaled = {}
-    for key in tqdm(list(options), desc="sensitivity", unit="tensor", file=sys.stderr):
+    for key in _progress(list(options), "sensitivity"):
         slot = slots[key]
         module, full, weight = modules[slot.module], weights[slot.module], slot.weight(weights)
         group = next(g for g in (64, 32, 128) if weight.shape[1] % g == 0)
@@ -315,8 +352,6 @@ def tier_candidates(model, weights, tiers: dict[str, Slot], head_inputs: torch.T
     a tier the calibration text predicts now and then holds the next tokens of other text, whose damage
     the measurement cannot see (gemma-3-270m at 2.5 bpw gave 1-bit rows to its 65k-131k tier, measured
     cheap; on the test text the model's KLD went from 0.24 to 0.66)."""
-    from tqdm import tqdm
-
     name = next(iter(tiers.values())).module
     full = weights[name]
     tied = name == "tok_embeddings" and model.output is None  # rows that are also the output matrix
@@ -334,7 +369,7 @@ def tier_candidates(model, weights, tiers: dict[str, Slot], head_inputs: torch.T
     vocab = full.shape[0]
     result = {}
     first = 0
-    for key, slot in tqdm(tiers.items(), desc="embedding tiers", unit="tier", file=sys.stderr):
+    for key, slot in _progress(tiers.items(), "embedding tiers", unit="tier"):
         n_rows = slot.rows.numel()
         zipf = math.log((first + n_rows + 0.5) / (first + 0.5)) / math.log(vocab + 0.5)
         first += n_rows
