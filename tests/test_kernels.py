@@ -35,7 +35,7 @@ def reference(weight: PackedWeight, qa: QuantizedActivations) -> torch.Tensor:
 def test_kernels_are_built_where_a_compiler_exists():
     if shutil.which("cc") or shutil.which("gcc"):
         assert kernels.available(), "setup.py should have built edgelm.kernels._native with this machine's compiler"
-    assert kernels.cpu_path() in ("AVX-512 VNNI", "generic C", "unavailable")
+    assert kernels.cpu_path() in ("AVX-512 VNNI", "AVX2", "generic C", "unavailable")
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -131,15 +131,26 @@ def test_fp16_zero_points_run_too(group):
 
 
 @needs_kernels
-@pytest.mark.parametrize("bits,group", [(4, 32), (3, 128), (8, 64), (6, 16)])
-def test_portable_path_agrees_with_simd_path(bits, group):
-    weight = packed(33, 640, bits, group)
+@pytest.mark.parametrize("bits,group", [(4, 32), (3, 128), (8, 64), (6, 16), (5, 64), (1, 32), (2, 16), (7, 128)])
+@pytest.mark.parametrize("cols", [640, 1024])  # a partial last quad, and full quads only
+def test_portable_path_agrees_with_every_simd_path(bits, group, cols):
+    """Each SIMD path this CPU has (AVX-512 VNNI, AVX2) against the portable loop: matvec for one and
+    several tokens, and dequantization bit for bit (float32 and bfloat16)."""
+    weight = packed(33, cols, bits, group)
     km = KernelMatrix.from_packed(weight)
-    qa = QuantizedActivations(torch.randn(2, 640, generator=torch.Generator().manual_seed(2)))
-    fast = km.matvec(qa)
+    x = torch.randn(5, cols, generator=torch.Generator().manual_seed(2))
+    qa = QuantizedActivations(x)
     with kernels.generic_path():
         portable = km.matvec(qa)
-    assert torch.allclose(fast, portable, rtol=1e-5, atol=1e-5)
+        dense = km.dequantize(), km.dequantize(dtype=torch.bfloat16)
+    for path in kernels.simd_paths():
+        with kernels.limited_path(path):
+            fast = km.matvec(qa)
+            # the same products, summed in another order: float32 rounding of sums up to ~100
+            assert torch.allclose(fast, portable, rtol=1e-5, atol=1e-6 * float(portable.abs().max())), path
+            assert torch.equal(km.matvec(QuantizedActivations(x[1:2])), fast[1:2]), path  # alone = in a batch
+            assert torch.equal(km.dequantize(), dense[0]), path
+            assert torch.equal(km.dequantize(dtype=torch.bfloat16), dense[1]), path
 
 
 @needs_kernels
@@ -272,7 +283,8 @@ def test_prefill_multiplies_in_the_cpus_fast_dtype(tmp_path):
     try:
         fast = prefill(model, prompt)
         with torch.inference_mode():
-            exact = model(torch.tensor([prompt]), torch.arange(len(prompt)))[0, -1]
+            # the last position's logits alone, as prefill asks for them (one row: the int8 kernels)
+            exact = model(torch.tensor([prompt]), torch.arange(len(prompt)), logits_at=slice(-1, None))[0, -1]
     finally:
         model.clear_caches()
     assert (fast - exact).norm() / exact.norm() < 0.03

@@ -1,7 +1,7 @@
 """edgelm's compiled CPU kernels (fused dequantize-and-dot over packed low-bit weights), through ctypes.
 
 The shared object is built by the package's install (setup.py) with the machine's C compiler and picks
-its SIMD path at run time (AVX-512 VNNI, else portable C). When it was not built, `available()` is False
+its SIMD path at run time (AVX-512 VNNI, else AVX2 with FMA and F16C, else portable C). When it was not built, `available()` is False
 and the model runs on its PyTorch path; nothing else changes. EDGELM_KERNELS=0 turns the kernels off,
 EDGELM_KERNELS_GENERIC=1 keeps them on the portable path.
 
@@ -28,7 +28,7 @@ from edgelm.kernels.layout import CHUNK
 if TYPE_CHECKING:
     import torch
 
-LEVELS = {0: "generic C", 2: "AVX-512 VNNI"}
+LEVELS = {0: "generic C", 1: "AVX2", 2: "AVX-512 VNNI"}
 
 
 class _Matrix(ctypes.Structure):
@@ -103,15 +103,31 @@ def cpu_path() -> str:
     return "unavailable" if lib is None else LEVELS.get(lib.ek_cpu_level(), "generic C")
 
 
-@contextmanager
-def generic_path() -> Iterator[None]:
-    """Run the kernels on their portable C path inside the block (to compare it with the SIMD one)."""
+def simd_paths() -> list[str]:
+    """The SIMD paths this CPU can run, best first (each below the best can be asked for with limited_path)."""
     lib = _library()
-    lib.ek_limit_cpu_level(0)
+    if lib is None:
+        return []
+    best = lib.ek_cpu_level() if os.environ.get("EDGELM_KERNELS_GENERIC") != "1" else 0
+    return [LEVELS[level] for level in sorted(LEVELS, reverse=True) if 0 < level <= best]
+
+
+@contextmanager
+def limited_path(name: str) -> Iterator[None]:
+    """Run the kernels on the named path ("generic C", "AVX2", ...) or the best below it inside the block
+    (to compare paths on one CPU)."""
+    lib = _library()
+    level = next(level for level, label in LEVELS.items() if label == name)
+    lib.ek_limit_cpu_level(level)
     try:
         yield
     finally:
         lib.ek_limit_cpu_level(99 if os.environ.get("EDGELM_KERNELS_GENERIC") != "1" else 0)
+
+
+def generic_path():
+    """Run the kernels on their portable C path inside the block (to compare it with the SIMD one)."""
+    return limited_path("generic C")
 
 
 def batched_dtype() -> torch.dtype:

@@ -165,7 +165,7 @@ static void parallel_for(int64_t total, int64_t grain, ek_task fn, void *ctx) {
 /* ----------------------------------------------------------------------------------------------------- */
 /* CPU dispatch                                                                                            */
 
-enum { EK_GENERIC = 0, EK_AVX512_VNNI = 2 };
+enum { EK_GENERIC = 0, EK_AVX2_LEVEL = 1, EK_AVX512_VNNI = 2 };
 
 static int cpu_level = -1;
 
@@ -177,6 +177,9 @@ EK_EXPORT int ek_cpu_level(void) {
         if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
             cpu_level = EK_AVX512_VNNI;
+        else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+                 __builtin_cpu_supports("bmi2"))
+            cpu_level = EK_AVX2_LEVEL;
 #endif
     }
     return cpu_level;
@@ -824,6 +827,254 @@ static const ek_task avx512_kernels[9] = {NULL, matvec_rows_avx512_1, matvec_row
 #endif
 
 /* ----------------------------------------------------------------------------------------------------- */
+/* AVX2 path (x86-64-v3: AVX2, FMA, F16C; most laptops and servers without AVX-512)                       */
+
+/* The same quad-transposed arithmetic as the AVX-512 path, each 64-byte vector as two 32-byte halves (half
+ * h: dword lanes 8h..8h+7). Without VNNI the u8 x s8 products go through vpmaddubsw (pairs summed into
+ * saturating int16: exact for codes up to 127, so 8-bit codes are multiplied as two nibbles) and vpmaddwd. */
+#ifdef EK_X86
+#define EK_AVX2 __attribute__((target("avx2,fma,f16c,bmi2")))
+
+typedef struct {
+    __m256i h[2];
+} ek_v64; /* one 64-byte vector */
+
+EK_AVX2 EK_INLINE __m256i field256(__m256i v, int from, int to, int width) {
+    const __m256i shifted = from > to ? _mm256_srli_epi16(v, from - to) : from < to ? _mm256_slli_epi16(v, to - from) : v;
+    return _mm256_and_si256(shifted, _mm256_set1_epi8((char)(((1 << width) - 1) << to)));
+}
+
+/* 32 bits -> 32 bytes: byte i = `value` where bit i is set, else 0. */
+EK_AVX2 EK_INLINE __m256i expand_bits32(uint32_t m, int value) {
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)m),
+                                               _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL,
+                                                                 0x0101010101010101LL, 0));
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8((char)value));
+}
+
+EK_AVX2 EK_INLINE void expand_bits64(const uint8_t *p, int value, ek_v64 *out) {
+    uint64_t m;
+    memcpy(&m, p, 8);
+    out->h[0] = expand_bits32((uint32_t)m, value);
+    out->h[1] = expand_bits32((uint32_t)(m >> 32), value);
+}
+
+/* A full quad's four transposed vectors (as decode_quad). */
+EK_AVX2 EK_INLINE void decode_quad_avx2(const uint8_t *p, const int bits, ek_v64 *c) {
+    if (bits == 8) {
+        for (int k = 0; k < 4; k++)
+            for (int h = 0; h < 2; h++) c[k].h[h] = _mm256_loadu_si256((const __m256i *)(p + 64 * k + 32 * h));
+        return;
+    }
+    int shift = 0;
+    if (bits & 4) {
+        for (int h = 0; h < 2; h++) {
+            const __m256i v0 = _mm256_loadu_si256((const __m256i *)(p + 32 * h));
+            const __m256i v1 = _mm256_loadu_si256((const __m256i *)(p + 64 + 32 * h));
+            c[0].h[h] = field256(v0, 0, 0, 4);
+            c[1].h[h] = field256(v0, 4, 0, 4);
+            c[2].h[h] = field256(v1, 0, 0, 4);
+            c[3].h[h] = field256(v1, 4, 0, 4);
+        }
+        p += 128;
+        shift = 4;
+    }
+    if (bits & 2) {
+        for (int h = 0; h < 2; h++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 32 * h));
+            for (int k = 0; k < 4; k++) {
+                const __m256i f = field256(v, 2 * k, shift, 2);
+                c[k].h[h] = shift ? _mm256_or_si256(c[k].h[h], f) : f;
+            }
+        }
+        p += 64;
+        shift += 2;
+    }
+    if (bits & 1) {
+        for (int k = 0; k < 4; k++) {
+            ek_v64 b;
+            expand_bits64(p + 8 * k, 1 << shift, &b);
+            for (int h = 0; h < 2; h++) c[k].h[h] = shift ? _mm256_or_si256(c[k].h[h], b.h[h]) : b.h[h];
+        }
+    }
+}
+
+/* One chunk of a partial quad (stored chunk by chunk) in natural order (as decode_chunk). */
+EK_AVX2 EK_INLINE void decode_chunk_avx2(const uint8_t *p, const int bits, ek_v64 *out) {
+    if (bits == 8) {
+        for (int h = 0; h < 2; h++) out->h[h] = _mm256_loadu_si256((const __m256i *)(p + 32 * h));
+        return;
+    }
+    ek_v64 r = {{_mm256_setzero_si256(), _mm256_setzero_si256()}};
+    int shift = 0;
+    if (bits & 4) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)p);
+        r.h[0] = field256(v, 0, 0, 4);
+        r.h[1] = field256(v, 4, 0, 4);
+        p += 32;
+        shift = 4;
+    }
+    if (bits & 2) { /* 16 bytes: codes 16k..16k+15 at bits 2k */
+        const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+        const __m256i lo = _mm256_srlv_epi64(v, _mm256_set_epi64x(2, 2, 0, 0));
+        const __m256i hi = _mm256_srlv_epi64(v, _mm256_set_epi64x(6, 6, 4, 4));
+        const __m256i mask = _mm256_set1_epi8(3);
+        r.h[0] = _mm256_or_si256(r.h[0], _mm256_slli_epi16(_mm256_and_si256(lo, mask), shift));
+        r.h[1] = _mm256_or_si256(r.h[1], _mm256_slli_epi16(_mm256_and_si256(hi, mask), shift));
+        p += 16;
+        shift += 2;
+    }
+    if (bits & 1) {
+        ek_v64 b;
+        expand_bits64(p, 1 << shift, &b);
+        r.h[0] = _mm256_or_si256(r.h[0], b.h[0]);
+        r.h[1] = _mm256_or_si256(r.h[1], b.h[1]);
+    }
+    *out = r;
+}
+
+/* 4x4 dwords transposed within each 128-bit lane, on each half (its own inverse, as transpose_quad). */
+EK_AVX2 EK_INLINE void transpose_quad_avx2(ek_v64 *c) {
+    for (int h = 0; h < 2; h++) {
+        const __m256i t0 = _mm256_unpacklo_epi32(c[0].h[h], c[1].h[h]), t1 = _mm256_unpackhi_epi32(c[0].h[h], c[1].h[h]);
+        const __m256i t2 = _mm256_unpacklo_epi32(c[2].h[h], c[3].h[h]), t3 = _mm256_unpackhi_epi32(c[2].h[h], c[3].h[h]);
+        c[0].h[h] = _mm256_unpacklo_epi64(t0, t2);
+        c[1].h[h] = _mm256_unpackhi_epi64(t0, t2);
+        c[2].h[h] = _mm256_unpacklo_epi64(t1, t3);
+        c[3].h[h] = _mm256_unpackhi_epi64(t1, t3);
+    }
+}
+
+/* Quad k of a row as four transposed vectors (as row_quad). */
+EK_AVX2 EK_INLINE void row_quad_avx2(const uint8_t *q, const int bits, int64_t k, int64_t n_chunks, ek_v64 *c) {
+    if (4 * k + 4 <= n_chunks) {
+        decode_quad_avx2(q + k * 32 * bits, bits, c);
+        return;
+    }
+    for (int j = 0; j < 4; j++) {
+        if (4 * k + j < n_chunks) decode_chunk_avx2(q + (4 * k + j) * 8 * bits, bits, &c[j]);
+        else c[j].h[0] = c[j].h[1] = _mm256_setzero_si256();
+    }
+    transpose_quad_avx2(c);
+}
+
+/* xq [T][cols] -> xt [T][n_quads * 256], each quad transposed as the codes are (zeros past the row). */
+EK_AVX2 static void quad_transpose_act_avx2(const int8_t *xq, int64_t n_tokens, int64_t cols, int8_t *xt) {
+    const int64_t n_chunks = cols / 64, n_quads = (n_chunks + 3) / 4;
+    for (int64_t t = 0; t < n_tokens; t++)
+        for (int64_t k = 0; k < n_quads; k++) {
+            ek_v64 c[4];
+            for (int j = 0; j < 4; j++)
+                for (int h = 0; h < 2; h++)
+                    c[j].h[h] = 4 * k + j < n_chunks
+                                    ? _mm256_loadu_si256((const __m256i *)(xq + t * cols + (4 * k + j) * 64 + 32 * h))
+                                    : _mm256_setzero_si256();
+            transpose_quad_avx2(c);
+            for (int j = 0; j < 4; j++)
+                for (int h = 0; h < 2; h++)
+                    _mm256_storeu_si256((__m256i *)(xt + (t * n_quads + k) * 256 + 64 * j + 32 * h), c[j].h[h]);
+        }
+}
+
+/* Per dword lane of a half: sum over its 4 bytes of u8 codes x s8 activations. */
+EK_AVX2 EK_INLINE __m256i dot_lanes(__m256i codes, __m256i x, const int bits) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    if (bits < 8) return _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), ones);
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    const __m256i lo = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_and_si256(codes, mask), x), ones);
+    const __m256i hi = _mm256_madd_epi16(
+        _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(codes, 4), mask), x), ones);
+    return _mm256_add_epi32(lo, _mm256_slli_epi32(hi, 4));
+}
+
+#define EK_AVX2_MAX_COLS 16384 /* a row's decoded codes live on the stack */
+
+/* Rows [begin, end) for every token: each row decoded once (codes, per-lane scales and s * z per group),
+ * then every token's dot products, in the same order whatever the number of tokens. */
+EK_AVX2 EK_INLINE void rows_avx2(const avx512_job *job, int64_t begin, int64_t end, const int bits) {
+    const ek_matrix *m = job->base.m;
+    const int64_t cols = m->cols, n_groups = cols / m->group, n_blocks = cols / 32, row_bytes = cols * bits / 8;
+    const int64_t n_chunks = cols / 64, n_quads = (n_chunks + 3) / 4, T = job->base.n_tokens;
+    const int shift = __builtin_ctz((unsigned)m->group);
+    ek_v64 codes[EK_AVX2_MAX_COLS / 64];
+    __m256 scales[EK_AVX2_MAX_COLS / 128];
+    float sc[EK_AVX2_MAX_COLS / 16], sz[EK_AVX2_MAX_COLS / 16];
+    /* The first code of each lane's 16 within the quad: (lane & 3) * 64 + (lane >> 2) * 16. */
+    const __m256i pos0 = _mm256_setr_epi32(0, 64, 128, 192, 16, 80, 144, 208);
+    const __m256i pos1 = _mm256_setr_epi32(32, 96, 160, 224, 48, 112, 176, 240);
+    const __m256i dx0 = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6), dx1 = _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7);
+    const __m256i last_group = _mm256_set1_epi32((int)(n_groups - 1));
+    for (int64_t r = begin; r < end; r++) {
+        const uint8_t *q = m->q + r * row_bytes;
+        for (int64_t g = 0; g < n_groups; g++) {
+            sc[g] = _cvtsh_ss(m->scales[r * n_groups + g]);
+            const float z = m->zeros ? (float)m->zeros[r * n_groups + g]
+                                     : m->zeros_f16 ? _cvtsh_ss(m->zeros_f16[r * n_groups + g]) : 0.f;
+            sz[g] = sc[g] * z;
+        }
+        for (int64_t k = 0; k < n_quads; k++) {
+            row_quad_avx2(q, bits, k, n_chunks, &codes[4 * k]);
+            const __m256i start = _mm256_set1_epi32((int)(k * 256));
+            const __m256i g0 = _mm256_min_epi32(_mm256_srli_epi32(_mm256_add_epi32(start, pos0), shift), last_group);
+            const __m256i g1 = _mm256_min_epi32(_mm256_srli_epi32(_mm256_add_epi32(start, pos1), shift), last_group);
+            scales[2 * k] = _mm256_i32gather_ps(sc, g0, 4);
+            scales[2 * k + 1] = _mm256_i32gather_ps(sc, g1, 4);
+        }
+        const int64_t out = job->base.out_index ? job->base.out_index[r] : r;
+        for (int64_t t = 0; t < T; t++) {
+            const float *dx = job->base.dx + t * n_blocks;
+            __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+            for (int64_t k = 0; k < n_quads; k++) {
+                const int8_t *xt = job->xt + (t * n_quads + k) * 256;
+                __m256i u0 = _mm256_setzero_si256(), u1 = _mm256_setzero_si256();
+                for (int j = 0; j < 4; j++) {
+                    u0 = _mm256_add_epi32(u0, dot_lanes(codes[4 * k + j].h[0],
+                                                        _mm256_loadu_si256((const __m256i *)(xt + 64 * j)), bits));
+                    u1 = _mm256_add_epi32(u1, dot_lanes(codes[4 * k + j].h[1],
+                                                        _mm256_loadu_si256((const __m256i *)(xt + 64 * j + 32)), bits));
+                }
+                const int64_t left = n_blocks - 8 * k;
+                const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(left >= 8 ? 8 : (int)left),
+                                                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+                const __m256 d = _mm256_maskload_ps(dx + 8 * k, live);
+                acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(u0),
+                                       _mm256_mul_ps(_mm256_permutevar8x32_ps(d, dx0), scales[2 * k]), acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(u1),
+                                       _mm256_mul_ps(_mm256_permutevar8x32_ps(d, dx1), scales[2 * k + 1]), acc1);
+            }
+            const __m256 acc = _mm256_add_ps(acc0, acc1);
+            __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+            s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+            s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+            float y = _mm_cvtss_f32(s4);
+            const float *gs = job->gsum + t * n_groups;
+            float zero = 0.f;
+            for (int64_t g = 0; g < n_groups; g++) zero += sz[g] * gs[g];
+            job->base.y[t * job->base.out_stride + out] = y - zero;
+        }
+    }
+}
+
+#define EK_AVX2_KERNEL(BITS)                                                                                 \
+    EK_AVX2 static void matvec_rows_avx2_##BITS(void *ctx, int64_t begin, int64_t end) {                      \
+        rows_avx2(ctx, begin, end, BITS);                                                                    \
+    }
+EK_AVX2_KERNEL(1)
+EK_AVX2_KERNEL(2)
+EK_AVX2_KERNEL(3)
+EK_AVX2_KERNEL(4)
+EK_AVX2_KERNEL(5)
+EK_AVX2_KERNEL(6)
+EK_AVX2_KERNEL(7)
+EK_AVX2_KERNEL(8)
+
+static const ek_task avx2_kernels[9] = {NULL, matvec_rows_avx2_1, matvec_rows_avx2_2, matvec_rows_avx2_3,
+                                        matvec_rows_avx2_4, matvec_rows_avx2_5, matvec_rows_avx2_6,
+                                        matvec_rows_avx2_7, matvec_rows_avx2_8};
+#endif
+
+/* ----------------------------------------------------------------------------------------------------- */
 /* prepared activations and the matrix-vector entry point                                                  */
 
 /* T activation vectors of `cols` values, quantized once and reusable for every matrix with `cols` columns
@@ -851,6 +1102,12 @@ static void matrix_rows(const ek_matrix *m, const prepared_act *pa, const float 
                                              (m->group % 64 == 0 && !((m->group / 64) & (m->group / 64 - 1))))) {
         avx512_job ajob = {job, gsum, pa->xt};
         avx512_kernels[m->bits](&ajob, begin, end);
+        return;
+    }
+    if (ek_cpu_level() == EK_AVX2_LEVEL && m->cols <= EK_AVX2_MAX_COLS && (m->group == 16 || m->group == 32 ||
+                                             (m->group % 64 == 0 && !((m->group / 64) & (m->group / 64 - 1))))) {
+        avx512_job ajob = {job, gsum, pa->xt};
+        avx2_kernels[m->bits](&ajob, begin, end);
         return;
     }
 #endif
@@ -922,10 +1179,11 @@ static int matvec_stacked(const ek_matrix *const *ms, float *const *ys, const in
     }
     int8_t *xt = NULL;
 #ifdef EK_X86
-    if (ek_cpu_level() >= EK_AVX512_VNNI) {
+    if (ek_cpu_level() >= EK_AVX2_LEVEL) {
         const int64_t quads = (pa->cols / 64 + 3) / 4;
         if (!(xt = malloc((size_t)(pa->n_tokens * quads * 256)))) return -2;
-        quad_transpose_act(pa->xq, pa->n_tokens, pa->cols, xt);
+        if (ek_cpu_level() >= EK_AVX512_VNNI) quad_transpose_act(pa->xq, pa->n_tokens, pa->cols, xt);
+        else quad_transpose_act_avx2(pa->xq, pa->n_tokens, pa->cols, xt);
         act.xt = xt;
     }
 #endif
@@ -1086,6 +1344,59 @@ EK_DEQUANT_ROWS(dequant_rows_avx512, EK_AVX512, EK_STORE_BF16_INT)
 EK_DEQUANT_ROWS(dequant_rows_avx512_bf16, EK_AVX512_BF16, EK_STORE_BF16_NATIVE)
 #endif
 
+#ifdef EK_X86
+/* 16 codes (bytes 0..15 of v) -> float32 s * (code - z), exactly as the reference computes them. */
+EK_AVX2 EK_INLINE void dequant16_avx2(__m128i v, float s, float z, __m256 *w0, __m256 *w1) {
+    const __m256 scale = _mm256_set1_ps(s), zero = _mm256_set1_ps(z);
+    *w0 = _mm256_mul_ps(scale, _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), zero));
+    *w1 = _mm256_mul_ps(scale, _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8))), zero));
+}
+
+EK_AVX2 EK_INLINE __m256i bf16_bits_avx2(__m256 w) { /* round to nearest even, as float_to_bf16 */
+    const __m256i u = _mm256_castps_si256(w);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    return _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+}
+
+EK_AVX2 static void dequant_rows_avx2(const dequant_job *job, int64_t begin, int64_t end) {
+    const ek_matrix *m = job->m;
+    const int64_t cols = m->cols, n_groups = cols / m->group, row_bytes = cols * m->bits / 8;
+    const int64_t n_chunks = cols / 64, n_full = n_chunks / 4;
+    for (int64_t r = begin; r < end; r++) {
+        const int64_t src = job->first + r;
+        const uint8_t *q = m->q + src * row_bytes;
+        for (int64_t k = 0; 4 * k < n_chunks; k++) {
+            ek_v64 c[4];
+            if (k < n_full) {
+                decode_quad_avx2(q + k * 32 * m->bits, m->bits, c);
+                transpose_quad_avx2(c); /* back to natural order: c[j] = chunk 4k + j */
+            }
+            for (int j = 0; j < 4 && 4 * k + j < n_chunks; j++) {
+                if (k >= n_full) decode_chunk_avx2(q + (4 * k + j) * 8 * m->bits, m->bits, &c[j]);
+                for (int seg = 0; seg < 4; seg++) {
+                    const int64_t col = (4 * k + j) * 64 + 16 * seg, g = src * n_groups + col / m->group;
+                    const float s = _cvtsh_ss(m->scales[g]);
+                    const float z = m->zeros ? (float)m->zeros[g] : m->zeros_f16 ? _cvtsh_ss(m->zeros_f16[g]) : 0.f;
+                    const __m256i half = c[j].h[seg >> 1];
+                    const __m128i v = seg & 1 ? _mm256_extracti128_si256(half, 1) : _mm256_castsi256_si128(half);
+                    __m256 w0, w1;
+                    dequant16_avx2(v, s, z, &w0, &w1);
+                    if (job->bf16) {
+                        const __m256i packed = _mm256_permute4x64_epi64(
+                            _mm256_packus_epi32(bf16_bits_avx2(w0), bf16_bits_avx2(w1)), 0xD8);
+                        _mm256_storeu_si256((__m256i *)((uint16_t *)job->out + r * job->ld + col), packed);
+                    } else {
+                        float *o = (float *)job->out + r * job->ld + col;
+                        _mm256_storeu_ps(o, w0);
+                        _mm256_storeu_ps(o + 8, w1);
+                    }
+                }
+            }
+        }
+    }
+}
+#endif
+
 /* Whether the CPU multiplies bf16 matrices natively (AVX-512 BF16 or AMX): then batched matmuls use bf16. */
 EK_EXPORT int ek_cpu_has_bf16(void) {
     static int has = -1;
@@ -1106,6 +1417,10 @@ static void dequant_rows(void *ctx, int64_t begin, int64_t end) {
     if (ek_cpu_level() >= EK_AVX512_VNNI) {
         if (ek_cpu_has_bf16()) dequant_rows_avx512_bf16(job, begin, end);
         else dequant_rows_avx512(job, begin, end);
+        return;
+    }
+    if (ek_cpu_level() == EK_AVX2_LEVEL) {
+        dequant_rows_avx2(job, begin, end);
         return;
     }
 #endif
