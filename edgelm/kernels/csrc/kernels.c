@@ -990,6 +990,38 @@ EK_AVX2 EK_INLINE __m256i dot_lanes(__m256i codes, __m256i x, const int bits) {
 
 #define EK_AVX2_MAX_COLS 16384 /* a row's decoded codes live on the stack */
 
+/* A row's scales as floats, and scale x zero point per group (8 groups at a time, the rest one by one). */
+EK_AVX2 EK_INLINE void row_scales_avx2(const ek_matrix *m, int64_t r, int64_t n_groups, float *sc, float *sz) {
+    const uint16_t *scales = m->scales + r * n_groups;
+    const uint8_t *zr = m->zeros ? m->zeros + r * n_groups : NULL;
+    const uint16_t *zf = m->zeros_f16 ? m->zeros_f16 + r * n_groups : NULL;
+    int64_t g = 0;
+    for (; g + 8 <= n_groups; g += 8) {
+        const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + g)));
+        __m256 z = _mm256_setzero_ps();
+        if (zr) z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zr + g))));
+        else if (zf) z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(zf + g)));
+        _mm256_storeu_ps(sc + g, s);
+        _mm256_storeu_ps(sz + g, _mm256_mul_ps(s, z));
+    }
+    for (; g < n_groups; g++) {
+        sc[g] = _cvtsh_ss(scales[g]);
+        sz[g] = sc[g] * (zr ? (float)zr[g] : zf ? _cvtsh_ss(zf[g]) : 0.f);
+    }
+}
+
+/* sum_g s_g z_g * (the token's activation sum over group g): the zero points' share of the dot product. */
+EK_AVX2 EK_INLINE float zero_term_avx2(const float *sz, const float *gsum, int64_t n_groups) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= n_groups; g += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(sz + g), _mm256_loadu_ps(gsum + g), acc);
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    float total = _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
+    for (; g < n_groups; g++) total += sz[g] * gsum[g];
+    return total;
+}
+
 /* Rows [begin, end) for every token: each row decoded once (codes, per-lane scales and s * z per group),
  * then every token's dot products, in the same order whatever the number of tokens. */
 EK_AVX2 EK_INLINE void rows_avx2(const avx512_job *job, int64_t begin, int64_t end, const int bits) {
@@ -999,22 +1031,28 @@ EK_AVX2 EK_INLINE void rows_avx2(const avx512_job *job, int64_t begin, int64_t e
     const int shift = __builtin_ctz((unsigned)m->group);
     ek_v64 codes[EK_AVX2_MAX_COLS / 64];
     __m256 scales[EK_AVX2_MAX_COLS / 128];
-    float sc[EK_AVX2_MAX_COLS / 16], sz[EK_AVX2_MAX_COLS / 16];
+    float sc[EK_AVX2_MAX_COLS / 16 + 8], sz[EK_AVX2_MAX_COLS / 16];
     /* The first code of each lane's 16 within the quad: (lane & 3) * 64 + (lane >> 2) * 16. */
     const __m256i pos0 = _mm256_setr_epi32(0, 64, 128, 192, 16, 80, 144, 208);
     const __m256i pos1 = _mm256_setr_epi32(32, 96, 160, 224, 48, 112, 176, 240);
     const __m256i dx0 = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6), dx1 = _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7);
     const __m256i last_group = _mm256_set1_epi32((int)(n_groups - 1));
+    /* Groups of 32 to 256 codes: a quad's groups are 8 or fewer consecutive scales, picked by a permute
+     * (cheaper than a gather); past the row's last group the scales read are zeros. */
+    const int permuted = m->group >= 32 && m->group <= 256;
+    const __m256i rel0 = _mm256_srli_epi32(pos0, shift), rel1 = _mm256_srli_epi32(pos1, shift);
+    for (int g = 0; g < 8; g++) sc[n_groups + g] = 0.f;
     for (int64_t r = begin; r < end; r++) {
         const uint8_t *q = m->q + r * row_bytes;
-        for (int64_t g = 0; g < n_groups; g++) {
-            sc[g] = _cvtsh_ss(m->scales[r * n_groups + g]);
-            const float z = m->zeros ? (float)m->zeros[r * n_groups + g]
-                                     : m->zeros_f16 ? _cvtsh_ss(m->zeros_f16[r * n_groups + g]) : 0.f;
-            sz[g] = sc[g] * z;
-        }
+        row_scales_avx2(m, r, n_groups, sc, sz);
         for (int64_t k = 0; k < n_quads; k++) {
             row_quad_avx2(q, bits, k, n_chunks, &codes[4 * k]);
+            if (permuted) {
+                const __m256 quad = _mm256_loadu_ps(sc + ((k * 256) >> shift));
+                scales[2 * k] = _mm256_permutevar8x32_ps(quad, rel0);
+                scales[2 * k + 1] = _mm256_permutevar8x32_ps(quad, rel1);
+                continue;
+            }
             const __m256i start = _mm256_set1_epi32((int)(k * 256));
             const __m256i g0 = _mm256_min_epi32(_mm256_srli_epi32(_mm256_add_epi32(start, pos0), shift), last_group);
             const __m256i g1 = _mm256_min_epi32(_mm256_srli_epi32(_mm256_add_epi32(start, pos1), shift), last_group);
@@ -1048,10 +1086,7 @@ EK_AVX2 EK_INLINE void rows_avx2(const avx512_job *job, int64_t begin, int64_t e
             s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
             s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
             float y = _mm_cvtss_f32(s4);
-            const float *gs = job->gsum + t * n_groups;
-            float zero = 0.f;
-            for (int64_t g = 0; g < n_groups; g++) zero += sz[g] * gs[g];
-            job->base.y[t * job->base.out_stride + out] = y - zero;
+            job->base.y[t * job->base.out_stride + out] = y - zero_term_avx2(sz, job->gsum + t * n_groups, n_groups);
         }
     }
 }
