@@ -200,12 +200,17 @@ EK_EXPORT int ek_limit_cpu_level(int level) {
  * of the *quantized* block, so that the zero-point term and the dot product see the same activations. */
 #ifdef EK_X86
 static void quantize_act_avx512(const float *x, int64_t n, int8_t *xq, float *dx, float *bsum);
+static void quantize_act_avx2(const float *x, int64_t n, int8_t *xq, float *dx, float *bsum);
 #endif
 
 EK_EXPORT void ek_quantize_act(const float *x, int64_t n, int8_t *xq, float *dx, float *bsum) {
 #ifdef EK_X86
     if (ek_cpu_level() >= EK_AVX512_VNNI) { /* the same values, 32 at a time (prefill quantizes millions) */
         quantize_act_avx512(x, n, xq, dx, bsum);
+        return;
+    }
+    if (ek_cpu_level() == EK_AVX2_LEVEL) {
+        quantize_act_avx2(x, n, xq, dx, bsum);
         return;
     }
 #endif
@@ -975,6 +980,35 @@ EK_AVX2 static void quad_transpose_act_avx2(const int8_t *xq, int64_t n_tokens, 
                 for (int h = 0; h < 2; h++)
                     _mm256_storeu_si256((__m256i *)(xt + (t * n_quads + k) * 256 + 64 * j + 32 * h), c[j].h[h]);
         }
+}
+
+/* ek_quantize_act's blocks, 8 values at a time: the same maximum, scale and rounding (cvtps_epi32 under the
+ * default rounding mode, as lrintf), so the same codes and sums as the portable loop. */
+EK_AVX2 static void quantize_act_avx2(const float *x, int64_t n, int8_t *xq, float *dx, float *bsum) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    for (int64_t b = 0; b < n / 32; b++) {
+        __m256 v[4], m = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            v[i] = _mm256_loadu_ps(x + b * 32 + 8 * i);
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i]));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+        const __m256 scale = _mm256_set1_ps(inv);
+        __m256i q[4];
+        for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], scale));
+        const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256((__m256i *)(xq + b * 32),
+                            _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+        const __m256i total = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+        t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, _MM_SHUFFLE(1, 0, 3, 2)));
+        t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, _MM_SHUFFLE(2, 3, 0, 1)));
+        dx[b] = d;
+        bsum[b] = d * (float)_mm_cvtsi128_si32(t4);
+    }
 }
 
 /* Per dword lane of a half: sum over its 4 bytes of u8 codes x s8 activations. */
