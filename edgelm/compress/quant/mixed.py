@@ -566,7 +566,7 @@ def input_channel_power(model: nn.Module, modules: dict[str, nn.Module],
     runner = BlockRunner(model, calibration)
     linears = {name: m for name, m in modules.items() if isinstance(m, nn.Linear)}
     with capture_inputs(linears, observe):
-        for i in range(len(model.layers)):
+        for i in _progress(range(len(model.layers)), "input statistics", unit="block"):
             runner.advance(i)
         head_inputs = runner.final_hidden()
     power = {name: sums[name] / counts[name] for name in sums}
