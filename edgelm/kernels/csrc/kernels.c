@@ -1011,21 +1011,22 @@ EK_AVX2 static void quantize_act_avx2(const float *x, int64_t n, int8_t *xq, flo
     }
 }
 
-/* Per dword lane of a half: sum over its 4 bytes of u8 codes x s8 activations. */
+/* Per dword lane of a half: sum over its 4 bytes of u8 codes x s8 activations. 8-bit codes would overflow
+ * vpmaddubsw's int16 pairs, so they are taken as signed (code - 128, the caller's zero points shifted alike)
+ * and multiplied as |code - 128| (at most 128: unsigned) x (x with the sign of code - 128). */
 EK_AVX2 EK_INLINE __m256i dot_lanes(__m256i codes, __m256i x, const int bits) {
     const __m256i ones = _mm256_set1_epi16(1);
     if (bits < 8) return _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), ones);
-    const __m256i mask = _mm256_set1_epi8(0x0F);
-    const __m256i lo = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_and_si256(codes, mask), x), ones);
-    const __m256i hi = _mm256_madd_epi16(
-        _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(codes, 4), mask), x), ones);
-    return _mm256_add_epi32(lo, _mm256_slli_epi32(hi, 4));
+    const __m256i centered = _mm256_xor_si256(codes, _mm256_set1_epi8((char)0x80));
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(centered), _mm256_sign_epi8(x, centered)), ones);
 }
 
 #define EK_AVX2_MAX_COLS 16384 /* a row's decoded codes live on the stack */
 
-/* A row's scales as floats, and scale x zero point per group (8 groups at a time, the rest one by one). */
-EK_AVX2 EK_INLINE void row_scales_avx2(const ek_matrix *m, int64_t r, int64_t n_groups, float *sc, float *sz) {
+/* A row's scales as floats, and scale x (zero point - shift) per group (8 groups at a time, the rest one by
+ * one); shift 128 for codes taken as signed. */
+EK_AVX2 EK_INLINE void row_scales_avx2(const ek_matrix *m, int64_t r, int64_t n_groups, float shift, float *sc,
+                                       float *sz) {
     const uint16_t *scales = m->scales + r * n_groups;
     const uint8_t *zr = m->zeros ? m->zeros + r * n_groups : NULL;
     const uint16_t *zf = m->zeros_f16 ? m->zeros_f16 + r * n_groups : NULL;
@@ -1036,11 +1037,11 @@ EK_AVX2 EK_INLINE void row_scales_avx2(const ek_matrix *m, int64_t r, int64_t n_
         if (zr) z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zr + g))));
         else if (zf) z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(zf + g)));
         _mm256_storeu_ps(sc + g, s);
-        _mm256_storeu_ps(sz + g, _mm256_mul_ps(s, z));
+        _mm256_storeu_ps(sz + g, _mm256_mul_ps(s, _mm256_sub_ps(z, _mm256_set1_ps(shift))));
     }
     for (; g < n_groups; g++) {
         sc[g] = _cvtsh_ss(scales[g]);
-        sz[g] = sc[g] * (zr ? (float)zr[g] : zf ? _cvtsh_ss(zf[g]) : 0.f);
+        sz[g] = sc[g] * ((zr ? (float)zr[g] : zf ? _cvtsh_ss(zf[g]) : 0.f) - shift);
     }
 }
 
@@ -1078,7 +1079,7 @@ EK_AVX2 EK_INLINE void rows_avx2(const avx512_job *job, int64_t begin, int64_t e
     for (int g = 0; g < 8; g++) sc[n_groups + g] = 0.f;
     for (int64_t r = begin; r < end; r++) {
         const uint8_t *q = m->q + r * row_bytes;
-        row_scales_avx2(m, r, n_groups, sc, sz);
+        row_scales_avx2(m, r, n_groups, bits == 8 ? 128.f : 0.f, sc, sz);
         for (int64_t k = 0; k < n_quads; k++) {
             row_quad_avx2(q, bits, k, n_chunks, &codes[4 * k]);
             if (permuted) {
