@@ -1,9 +1,9 @@
 """edgelm's compiled CPU kernels (fused dequantize-and-dot over packed low-bit weights), through ctypes.
 
 The shared object is built by the package's install (setup.py) with the machine's C compiler and picks
-its SIMD path at run time (AVX-512 VNNI, else AVX2 with FMA and F16C, else portable C). When it was not built, `available()` is False
-and the model runs on its PyTorch path; nothing else changes. EDGELM_KERNELS=0 turns the kernels off,
-EDGELM_KERNELS_GENERIC=1 keeps them on the portable path.
+its SIMD path at run time (AVX-512 VNNI, else AVX2 with FMA and F16C, else portable C). When it was not
+built, `available()` is False and the model runs on its PyTorch path; nothing else changes.
+EDGELM_KERNELS=0 turns the kernels off, EDGELM_KERNELS_GENERIC=1 keeps them on the portable path.
 
     from edgelm.kernels import KernelMatrix, available
     km = KernelMatrix.from_packed(packed_weight)   # shares its buffers (plane layout)
@@ -65,8 +65,7 @@ def _library() -> ctypes.CDLL | None:
     lib.ek_cpu_has_bf16.restype = ctypes.c_int
     lib.ek_limit_cpu_level.argtypes = [ctypes.c_int]
     lib.ek_limit_cpu_level.restype = ctypes.c_int
-    if os.environ.get("EDGELM_KERNELS_GENERIC") == "1":
-        lib.ek_limit_cpu_level(0)
+    lib.ek_limit_cpu_level(_allowed_level())
     lib.ek_rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float]
     lib.ek_rms_norm.restype = None
     lib.ek_set_threads(default_threads())
@@ -103,12 +102,18 @@ def cpu_path() -> str:
     return "unavailable" if lib is None else LEVELS.get(lib.ek_cpu_level(), "generic C")
 
 
+def _allowed_level() -> int:
+    """The highest path the kernels may take: the CPU's best (99 is clamped to it), or the portable one
+    under EDGELM_KERNELS_GENERIC=1."""
+    return 0 if os.environ.get("EDGELM_KERNELS_GENERIC") == "1" else 99
+
+
 def simd_paths() -> list[str]:
     """The SIMD paths this CPU can run, best first (each below the best can be asked for with limited_path)."""
     lib = _library()
     if lib is None:
         return []
-    best = lib.ek_cpu_level() if os.environ.get("EDGELM_KERNELS_GENERIC") != "1" else 0
+    best = min(lib.ek_cpu_level(), _allowed_level())
     return [LEVELS[level] for level in sorted(LEVELS, reverse=True) if 0 < level <= best]
 
 
@@ -122,7 +127,7 @@ def limited_path(name: str) -> Iterator[None]:
     try:
         yield
     finally:
-        lib.ek_limit_cpu_level(99 if os.environ.get("EDGELM_KERNELS_GENERIC") != "1" else 0)
+        lib.ek_limit_cpu_level(_allowed_level())
 
 
 def generic_path():

@@ -403,11 +403,12 @@ EK_AVX512 static void quantize_act_avx512(const float *x, int64_t n, int8_t *xq,
     }
 }
 
+/* A matvec job on a SIMD path (AVX-512 VNNI or AVX2). */
 typedef struct {
     matvec_job base;
-    const float *gsum;  /* [T][n_groups] activation sums per group, for fp16 zero points (else NULL) */
+    const float *gsum;  /* [T][n_groups] activation sums per group (the zero-point terms) */
     const int8_t *xt;   /* [T][n_quads * 256] activations in quad-transposed order */
-} avx512_job;
+} simd_job;
 
 /* Lanes [0, min(left, 16)) of a 16-lane vector: the tail of a loop in steps of 16. */
 EK_AVX512 EK_INLINE __mmask16 first_lanes(int64_t left) {
@@ -523,21 +524,6 @@ EK_AVX512 EK_INLINE void transpose_quad(__m512i *out, __m512i c0, __m512i c1, __
     out[3] = _mm512_unpackhi_epi64(t1, t3);
 }
 
-/* xq [T][cols] -> xt [T][n_quads * 256], each quad transposed as the codes are (zeros past the row). */
-EK_AVX512 static void quad_transpose_act(const int8_t *xq, int64_t n_tokens, int64_t cols, int8_t *xt) {
-    const int64_t n_chunks = cols / 64, n_quads = (n_chunks + 3) / 4;
-    for (int64_t t = 0; t < n_tokens; t++)
-        for (int64_t k = 0; k < n_quads; k++) {
-            __m512i c[4];
-            for (int j = 0; j < 4; j++)
-                c[j] = 4 * k + j < n_chunks ? _mm512_loadu_si512((const void *)(xq + t * cols + (4 * k + j) * 64))
-                                            : _mm512_setzero_si512();
-            __m512i o[4];
-            transpose_quad(o, c[0], c[1], c[2], c[3]);
-            for (int j = 0; j < 4; j++) _mm512_storeu_si512((void *)(xt + (t * n_quads + k) * 256 + 64 * j), o[j]);
-        }
-}
-
 /* The bits [from, from + width) of every byte of v moved to [to, to + width), the rest of each byte 0. The
  * 16-bit shifts carry bits across bytes only into positions the mask clears. */
 EK_AVX512 EK_INLINE __m512i byte_field(__m512i v, int from, int to, int width) {
@@ -637,7 +623,7 @@ EK_AVX512 static inline void tokens_dx(const float *dx, int64_t n_blocks, int64_
 
 /* Writes a tile's results (lane 4 i + t of y: row r0 + i, token t0 + t) after subtracting the zero-point
  * terms (sz: the rows' s * z products, or NULL). */
-EK_AVX512 static inline void store_tile(const avx512_job *job, __m512 y, const float *sz, int64_t sz_stride,
+EK_AVX512 static inline void store_tile(const simd_job *job, __m512 y, const float *sz, int64_t sz_stride,
                                         int64_t n_groups, int64_t r0, int nr, int64_t t0, int nt) {
     if (sz) {
         __m512 zacc[EK_TILE_TOKENS * EK_TILE_ROWS];
@@ -675,7 +661,7 @@ EK_AVX512 static inline const uint16_t *row_zeros_f16(const ek_matrix *m, int64_
 }
 
 /* One token: a row at a time (a 4-row tile would pay its 16-way sums and zero-point terms for one token). */
-EK_AVX512 EK_INLINE void single_rows(const avx512_job *job, int64_t begin, int64_t end, const int bits) {
+EK_AVX512 EK_INLINE void single_rows(const simd_job *job, int64_t begin, int64_t end, const int bits) {
     const ek_matrix *m = job->base.m;
     const row_shape s = shape_of(m, bits);
     __m512 dq[s.n_quads];
@@ -713,7 +699,7 @@ EK_AVX512 EK_INLINE void tile_setup(const ek_matrix *m, const row_shape *s, int6
 
 /* Tokens [t0, t0 + nt) (nt <= 4, a constant) against one tile of 4 rows: each quad of each row decoded into
  * registers once for these tokens. */
-EK_AVX512 EK_INLINE void tile_group(const avx512_job *job, const row_shape *s, const uint8_t *const *q,
+EK_AVX512 EK_INLINE void tile_group(const simd_job *job, const row_shape *s, const uint8_t *const *q,
                                     const uint16_t *const *sc, const float *sz, const __m512 *dq, int64_t r0, int nr,
                                     int64_t t0, const int bits, const int nt, const int prefetch) {
     __m512 acc[EK_TILE_TOKENS * EK_TILE_ROWS]; /* acc[4 t + i]: row i, token t0 + t */
@@ -739,7 +725,7 @@ EK_AVX512 EK_INLINE void tile_group(const avx512_job *job, const row_shape *s, c
 
 /* 2..8 tokens (speculative verification): tiles of 4 rows, the tokens in groups of up to 4, each group
  * decoding the tile's rows into registers again (from L1 after the first: the weights are read once). */
-EK_AVX512 EK_INLINE void tile_rows(const avx512_job *job, int64_t begin, int64_t end, const int bits) {
+EK_AVX512 EK_INLINE void tile_rows(const simd_job *job, int64_t begin, int64_t end, const int bits) {
     const ek_matrix *m = job->base.m;
     const row_shape s = shape_of(m, bits);
     const int64_t T = job->base.n_tokens;
@@ -767,7 +753,7 @@ EK_AVX512 EK_INLINE void tile_rows(const avx512_job *job, int64_t begin, int64_t
 
 /* More tokens (prefill): a tile's rows are decoded once into a buffer, then every group of 4 tokens runs
  * against them (the activations of a token held in registers, the codes read from the buffer). */
-EK_AVX512 EK_INLINE void buffered_rows(const avx512_job *job, int64_t begin, int64_t end, const int bits) {
+EK_AVX512 EK_INLINE void buffered_rows(const simd_job *job, int64_t begin, int64_t end, const int bits) {
     const ek_matrix *m = job->base.m;
     const row_shape s = shape_of(m, bits);
     const int64_t T = job->base.n_tokens;
@@ -811,7 +797,7 @@ EK_AVX512 EK_INLINE void buffered_rows(const avx512_job *job, int64_t begin, int
 
 #define EK_ROW_KERNEL(BITS)                                                                                  \
     EK_AVX512 static void matvec_rows_avx512_##BITS(void *ctx, int64_t begin, int64_t end) {                  \
-        const avx512_job *job = ctx;                                                                         \
+        const simd_job *job = ctx;                                                                         \
         if (job->base.n_tokens == 1) single_rows(job, begin, end, BITS);                                     \
         else if (job->base.n_tokens <= EK_TILE_MAX_TOKENS) tile_rows(job, begin, end, BITS);                 \
         else buffered_rows(job, begin, end, BITS);                                                           \
@@ -836,7 +822,7 @@ static const ek_task avx512_kernels[9] = {NULL, matvec_rows_avx512_1, matvec_row
 
 /* The same quad-transposed arithmetic as the AVX-512 path, each 64-byte vector as two 32-byte halves (half
  * h: dword lanes 8h..8h+7). Without VNNI the u8 x s8 products go through vpmaddubsw (pairs summed into
- * saturating int16: exact for codes up to 127, so 8-bit codes are multiplied as two nibbles) and vpmaddwd. */
+ * saturating int16: exact for codes up to 127; 8-bit codes see dot_lanes) and vpmaddwd. */
 #ifdef EK_X86
 #define EK_AVX2 __attribute__((target("avx2,fma,f16c,bmi2")))
 
@@ -964,8 +950,9 @@ EK_AVX2 EK_INLINE void row_quad_avx2(const uint8_t *q, const int bits, int64_t k
     transpose_quad_avx2(c);
 }
 
-/* xq [T][cols] -> xt [T][n_quads * 256], each quad transposed as the codes are (zeros past the row). */
-EK_AVX2 static void quad_transpose_act_avx2(const int8_t *xq, int64_t n_tokens, int64_t cols, int8_t *xt) {
+/* xq [T][cols] -> xt [T][n_quads * 256], each quad transposed as the codes are (zeros past the row): for the
+ * AVX-512 path as well (every AVX-512 CPU has AVX2; it runs once per call). */
+EK_AVX2 static void quad_transpose_act(const int8_t *xq, int64_t n_tokens, int64_t cols, int8_t *xt) {
     const int64_t n_chunks = cols / 64, n_quads = (n_chunks + 3) / 4;
     for (int64_t t = 0; t < n_tokens; t++)
         for (int64_t k = 0; k < n_quads; k++) {
@@ -1045,21 +1032,25 @@ EK_AVX2 EK_INLINE void row_scales_avx2(const ek_matrix *m, int64_t r, int64_t n_
     }
 }
 
+EK_AVX2 EK_INLINE float sum8(__m256 v) { /* halves, then pairs, then the last two */
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
+}
+
 /* sum_g s_g z_g * (the token's activation sum over group g): the zero points' share of the dot product. */
 EK_AVX2 EK_INLINE float zero_term_avx2(const float *sz, const float *gsum, int64_t n_groups) {
     __m256 acc = _mm256_setzero_ps();
     int64_t g = 0;
     for (; g + 8 <= n_groups; g += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(sz + g), _mm256_loadu_ps(gsum + g), acc);
-    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    float total = _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
+    float total = sum8(acc);
     for (; g < n_groups; g++) total += sz[g] * gsum[g];
     return total;
 }
 
 /* Rows [begin, end) for every token: each row decoded once (codes, per-lane scales and s * z per group),
  * then every token's dot products, in the same order whatever the number of tokens. */
-EK_AVX2 EK_INLINE void rows_avx2(const avx512_job *job, int64_t begin, int64_t end, const int bits) {
+EK_AVX2 EK_INLINE void rows_avx2(const simd_job *job, int64_t begin, int64_t end, const int bits) {
     const ek_matrix *m = job->base.m;
     const int64_t cols = m->cols, n_groups = cols / m->group, n_blocks = cols / 32, row_bytes = cols * bits / 8;
     const int64_t n_chunks = cols / 64, n_quads = (n_chunks + 3) / 4, T = job->base.n_tokens;
@@ -1116,12 +1107,8 @@ EK_AVX2 EK_INLINE void rows_avx2(const avx512_job *job, int64_t begin, int64_t e
                 acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(u1),
                                        _mm256_mul_ps(_mm256_permutevar8x32_ps(d, dx1), scales[2 * k + 1]), acc1);
             }
-            const __m256 acc = _mm256_add_ps(acc0, acc1);
-            __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-            s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-            s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
-            float y = _mm_cvtss_f32(s4);
-            job->base.y[t * job->base.out_stride + out] = y - zero_term_avx2(sz, job->gsum + t * n_groups, n_groups);
+            job->base.y[t * job->base.out_stride + out] =
+                sum8(_mm256_add_ps(acc0, acc1)) - zero_term_avx2(sz, job->gsum + t * n_groups, n_groups);
         }
     }
 }
@@ -1167,17 +1154,16 @@ static void matrix_rows(const ek_matrix *m, const prepared_act *pa, const float 
                         const int32_t *out_index, int64_t begin, int64_t end) {
     matvec_job job = {m, pa->xq, pa->dx, pa->bsum, y, out_index, pa->n_tokens, out_stride};
 #ifdef EK_X86
-    /* The SIMD path needs groups of 16, 32 or 64 x 2^k codes (a chunk -> group map by shifting). */
-    if (ek_cpu_level() >= EK_AVX512_VNNI && (m->group == 16 || m->group == 32 ||
-                                             (m->group % 64 == 0 && !((m->group / 64) & (m->group / 64 - 1))))) {
-        avx512_job ajob = {job, gsum, pa->xt};
-        avx512_kernels[m->bits](&ajob, begin, end);
+    /* The SIMD paths need groups of 16, 32 or 64 x 2^k codes (a chunk -> group map by shifting). */
+    const int shifted_groups = m->group == 16 || m->group == 32 ||
+                               (m->group % 64 == 0 && !((m->group / 64) & (m->group / 64 - 1)));
+    simd_job sjob = {job, gsum, pa->xt};
+    if (ek_cpu_level() >= EK_AVX512_VNNI && shifted_groups) {
+        avx512_kernels[m->bits](&sjob, begin, end);
         return;
     }
-    if (ek_cpu_level() == EK_AVX2_LEVEL && m->cols <= EK_AVX2_MAX_COLS && (m->group == 16 || m->group == 32 ||
-                                             (m->group % 64 == 0 && !((m->group / 64) & (m->group / 64 - 1))))) {
-        avx512_job ajob = {job, gsum, pa->xt};
-        avx2_kernels[m->bits](&ajob, begin, end);
+    if (ek_cpu_level() == EK_AVX2_LEVEL && shifted_groups && m->cols <= EK_AVX2_MAX_COLS) {
+        avx2_kernels[m->bits](&sjob, begin, end);
         return;
     }
 #endif
@@ -1252,8 +1238,7 @@ static int matvec_stacked(const ek_matrix *const *ms, float *const *ys, const in
     if (ek_cpu_level() >= EK_AVX2_LEVEL) {
         const int64_t quads = (pa->cols / 64 + 3) / 4;
         if (!(xt = malloc((size_t)(pa->n_tokens * quads * 256)))) return -2;
-        if (ek_cpu_level() >= EK_AVX512_VNNI) quad_transpose_act(pa->xq, pa->n_tokens, pa->cols, xt);
-        else quad_transpose_act_avx2(pa->xq, pa->n_tokens, pa->cols, xt);
+        quad_transpose_act(pa->xq, pa->n_tokens, pa->cols, xt);
         act.xt = xt;
     }
 #endif
