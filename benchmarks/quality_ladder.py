@@ -77,6 +77,11 @@ def llama_rung_name(type_name: str, imatrix: bool, token_type: str | None) -> st
     return type_name + ("+imat" if imatrix else "") + (f"+emb-{token_type}" if token_type else "")
 
 
+def ordered_rungs(known, wanted: list[str] | None) -> list[str]:
+    """The rungs to run: all in table order, or those asked for in the order asked (the first get done first)."""
+    return list(known) if not wanted else [name for name in wanted if name in known]
+
+
 class Results:
     """results.json: one record per rung, rewritten atomically after each."""
 
@@ -88,11 +93,18 @@ class Results:
         return next((r for r in self.records if r["engine"] == engine and r["name"] == name), None)
 
     def put(self, record: dict) -> None:
-        self.records = [r for r in self.records if (r["engine"], r["name"]) != (record["engine"], record["name"])]
-        self.records.append(record)
-        tmp = self.path.with_suffix(".json.partial")
-        tmp.write_text(json.dumps(self.records, indent=1))
-        os.replace(tmp, self.path)
+        # Re-read under a lock so that two runs (e.g. `--only edgelm` and `--only llama.cpp` side by side)
+        # keep each other's records.
+        import fcntl
+
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            on_disk = json.loads(self.path.read_text()) if self.path.is_file() else []
+            key = (record["engine"], record["name"])
+            self.records = [r for r in on_disk if (r["engine"], r["name"]) != key] + [record]
+            tmp = self.path.with_suffix(".json.partial")
+            tmp.write_text(json.dumps(self.records, indent=1))
+            os.replace(tmp, self.path)
 
 
 def run_edgelm(args, results: Results, base, tokenizer) -> None:
@@ -107,9 +119,8 @@ def run_edgelm(args, results: Results, base, tokenizer) -> None:
     from edgelm.io.artifact import model_size
 
     calibration = calibration_from_file(tokenizer, args.calib, n_samples=args.calib_samples, seq_len=512)
-    for name, recipe in EDGELM_RUNGS.items():
-        if args.rungs and name not in args.rungs:
-            continue
+    for name in ordered_rungs(EDGELM_RUNGS, args.rungs):
+        recipe = EDGELM_RUNGS[name]
         record = results.get("edgelm", name)
         if record and (record.get("ppl_all") or not args.full):
             continue
@@ -155,10 +166,9 @@ def run_llama_cpp(args, results: Results, base, tokenizer) -> None:
     imatrix = work / "imatrix.gguf"
     if not imatrix.is_file():
         tools.imatrix(base_gguf, args.calib, imatrix, chunks=100, threads=args.threads)
-    for type_name, use_imatrix, token_type in LLAMA_CPP_RUNGS:
-        name = llama_rung_name(type_name, use_imatrix, token_type)
-        if args.rungs and name not in args.rungs:
-            continue
+    by_name = {llama_rung_name(*rung): rung for rung in LLAMA_CPP_RUNGS}
+    for name in ordered_rungs(by_name, args.rungs):
+        type_name, use_imatrix, token_type = by_name[name]
         record = results.get("llama.cpp", name)
         if record and (record.get("ppl_all") or not args.full):
             continue
@@ -189,7 +199,7 @@ def main() -> int:
     parser.add_argument("--chunks", type=int, default=40, help="chunks for the main PPL column (default: 40)")
     parser.add_argument("--full", action="store_true", help="also score all chunks of the test file")
     parser.add_argument("--only", choices=("edgelm", "llama.cpp"), default=None)
-    parser.add_argument("--rungs", nargs="*", default=None, help="only these rung names")
+    parser.add_argument("--rungs", nargs="*", default=None, help="only these rung names, run in this order")
     parser.add_argument("--llama-cpp-bin", default=None, help="directory with llama-quantize/-imatrix/-perplexity")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--save-models", type=Path, default=None, metavar="DIR",
@@ -198,6 +208,10 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ladder")
     parser.add_argument("--report-only", action="store_true", help="redraw the table and plot from results.json")
     args = parser.parse_args()
+    known = set(EDGELM_RUNGS) | {llama_rung_name(*rung) for rung in LLAMA_CPP_RUNGS}
+    unknown = [name for name in args.rungs or () if name not in known]
+    if unknown:
+        parser.error(f"unknown rung {', '.join(unknown)}; the rungs are: {', '.join(sorted(known))}")
 
     from edgelm.bench.ladder import render_report
     from edgelm.errors import EdgelmError

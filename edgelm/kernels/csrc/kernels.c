@@ -1010,15 +1010,17 @@ EK_AVX2 EK_INLINE __m256i dot_lanes(__m256i codes, __m256i x, const int bits) {
 
 #define EK_AVX2_MAX_COLS 16384 /* a row's decoded codes live on the stack */
 
-/* A row's scales as floats, and scale x (zero point - shift) per group (8 groups at a time, the rest one by
- * one); shift 128 for codes taken as signed. */
+/* A row's scales as floats, and scale x (zero point - shift) per group, 8 groups at a time (shift 128 for
+ * codes taken as signed). A last partial 8 reads past the row into the next one's scales (and zeros) where
+ * the buffer goes on, one by one at the matrix's end; the values past n_groups are never used. */
 EK_AVX2 EK_INLINE void row_scales_avx2(const ek_matrix *m, int64_t r, int64_t n_groups, float shift, float *sc,
                                        float *sz) {
     const uint16_t *scales = m->scales + r * n_groups;
     const uint8_t *zr = m->zeros ? m->zeros + r * n_groups : NULL;
     const uint16_t *zf = m->zeros_f16 ? m->zeros_f16 + r * n_groups : NULL;
+    const int64_t vector_end = (r + 1) * n_groups + 8 <= m->rows * n_groups ? n_groups : n_groups & ~(int64_t)7;
     int64_t g = 0;
-    for (; g + 8 <= n_groups; g += 8) {
+    for (; g < vector_end; g += 8) {
         const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + g)));
         __m256 z = _mm256_setzero_ps();
         if (zr) z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zr + g))));
@@ -1038,75 +1040,167 @@ EK_AVX2 EK_INLINE float sum8(__m256 v) { /* halves, then pairs, then the last tw
     return _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
 }
 
-/* sum_g s_g z_g * (the token's activation sum over group g): the zero points' share of the dot product. */
+/* sum_g s_g z_g * (the token's activation sum over group g): the zero points' share of the dot product,
+ * 8 groups at a time, the last few masked. */
 EK_AVX2 EK_INLINE float zero_term_avx2(const float *sz, const float *gsum, int64_t n_groups) {
     __m256 acc = _mm256_setzero_ps();
     int64_t g = 0;
     for (; g + 8 <= n_groups; g += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(sz + g), _mm256_loadu_ps(gsum + g), acc);
-    float total = sum8(acc);
-    for (; g < n_groups; g++) total += sz[g] * gsum[g];
-    return total;
+    if (g < n_groups) {
+        const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n_groups - g)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        acc = _mm256_fmadd_ps(_mm256_maskload_ps(sz + g, live), _mm256_maskload_ps(gsum + g, live), acc);
+    }
+    return sum8(acc);
 }
 
-/* Rows [begin, end) for every token: each row decoded once (codes, per-lane scales and s * z per group),
- * then every token's dot products, in the same order whatever the number of tokens. */
+/* Per dword lane, the integer dot product of a transposed quad (4 vectors) with the token's transposed
+ * activations. vpmaddubsw's int16 pair sums of several vectors are added before the one vpmaddwd while they
+ * cannot overflow (|pair| <= 2 * (2^bits - 1) * 127: four of them up to 5 bits, two at 6 bits): the same
+ * integers as a vpmaddwd per vector, with fewer instructions. */
+EK_AVX2 EK_INLINE void quad_dot_avx2(const ek_v64 *c, const int8_t *xt, const int bits, __m256i *u0, __m256i *u1) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    if (bits <= 6) {
+        const int per = bits <= 5 ? 4 : 2;
+        *u0 = *u1 = _mm256_setzero_si256();
+        for (int j0 = 0; j0 < 4; j0 += per) {
+            __m256i p0 = _mm256_setzero_si256(), p1 = _mm256_setzero_si256();
+            for (int j = j0; j < j0 + per; j++) {
+                p0 = _mm256_add_epi16(p0, _mm256_maddubs_epi16(c[j].h[0], _mm256_loadu_si256((const __m256i *)(xt + 64 * j))));
+                p1 = _mm256_add_epi16(p1, _mm256_maddubs_epi16(c[j].h[1], _mm256_loadu_si256((const __m256i *)(xt + 64 * j + 32))));
+            }
+            *u0 = _mm256_add_epi32(*u0, _mm256_madd_epi16(p0, ones));
+            *u1 = _mm256_add_epi32(*u1, _mm256_madd_epi16(p1, ones));
+        }
+        return;
+    }
+    *u0 = *u1 = _mm256_setzero_si256();
+    for (int j = 0; j < 4; j++) {
+        *u0 = _mm256_add_epi32(*u0, dot_lanes(c[j].h[0], _mm256_loadu_si256((const __m256i *)(xt + 64 * j)), bits));
+        *u1 = _mm256_add_epi32(*u1, dot_lanes(c[j].h[1], _mm256_loadu_si256((const __m256i *)(xt + 64 * j + 32)), bits));
+    }
+}
+
+/* A row's per-lane scales for transposed quad k (groups of 32 to 256: a permute of the quad's <= 8
+ * consecutive scales; past the row's last group they are zeros) or, for groups of 16, a gather. */
+typedef struct {
+    int shift, permuted;
+    __m256i rel0, rel1, pos0, pos1, last_group;
+} quad_scales_map;
+
+EK_AVX2 EK_INLINE quad_scales_map quad_scales_init(const ek_matrix *m, int64_t n_groups) {
+    quad_scales_map map;
+    map.shift = __builtin_ctz((unsigned)m->group);
+    map.permuted = m->group >= 32 && m->group <= 256;
+    /* The first code of each lane's 16 within the quad: (lane & 3) * 64 + (lane >> 2) * 16. */
+    map.pos0 = _mm256_setr_epi32(0, 64, 128, 192, 16, 80, 144, 208);
+    map.pos1 = _mm256_setr_epi32(32, 96, 160, 224, 48, 112, 176, 240);
+    map.rel0 = _mm256_srli_epi32(map.pos0, map.shift);
+    map.rel1 = _mm256_srli_epi32(map.pos1, map.shift);
+    map.last_group = _mm256_set1_epi32((int)(n_groups - 1));
+    return map;
+}
+
+EK_AVX2 EK_INLINE void quad_scales_avx2(const quad_scales_map *map, const float *sc, int64_t k, __m256 *s0, __m256 *s1) {
+    if (map->permuted) {
+        const __m256 quad = _mm256_loadu_ps(sc + ((k * 256) >> map->shift));
+        *s0 = _mm256_permutevar8x32_ps(quad, map->rel0);
+        *s1 = _mm256_permutevar8x32_ps(quad, map->rel1);
+        return;
+    }
+    const __m256i start = _mm256_set1_epi32((int)(k * 256));
+    const __m256i g0 = _mm256_min_epi32(_mm256_srli_epi32(_mm256_add_epi32(start, map->pos0), map->shift), map->last_group);
+    const __m256i g1 = _mm256_min_epi32(_mm256_srli_epi32(_mm256_add_epi32(start, map->pos1), map->shift), map->last_group);
+    *s0 = _mm256_i32gather_ps(sc, g0, 4);
+    *s1 = _mm256_i32gather_ps(sc, g1, 4);
+}
+
+/* A token's activation scales per lane of transposed quad k (dx of the quad's 8 blocks, a partial quad's
+ * missing blocks zero), for the two halves. */
+EK_AVX2 EK_INLINE void quad_dx_avx2(const float *dx, int64_t k, int64_t n_blocks, __m256 *d0, __m256 *d1) {
+    const int64_t left = n_blocks - 8 * k;
+    const __m256 d = left >= 8 ? _mm256_loadu_ps(dx + 8 * k)
+                               : _mm256_maskload_ps(dx + 8 * k, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)left),
+                                                                                 _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+    *d0 = _mm256_permutevar8x32_ps(d, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6));
+    *d1 = _mm256_permutevar8x32_ps(d, _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7));
+}
+
+/* acc += the quad's lane sums times scale x activation scale. */
+EK_AVX2 EK_INLINE void quad_accumulate(__m256i u0, __m256i u1, __m256 s0, __m256 s1, __m256 d0, __m256 d1,
+                                       __m256 *acc0, __m256 *acc1) {
+    *acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(u0), _mm256_mul_ps(d0, s0), *acc0);
+    *acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(u1), _mm256_mul_ps(d1, s1), *acc1);
+}
+
+/* The chunks of a partial last quad, with groups of 32 or more, in natural order against the token's
+ * untransposed activations: each 32-code half is one activation block in one group, so one scale per half
+ * and no transposition, nor the zero chunks that fill a transposed quad. */
+EK_AVX2 EK_INLINE void tail_accumulate(const ek_v64 *c, int64_t first_chunk, int64_t n_tail, const int8_t *xq,
+                                       const float *dx, const float *sc, int shift, const int bits, __m256 *acc0,
+                                       __m256 *acc1) {
+    for (int64_t i = 0; i < n_tail; i++) {
+        const int64_t j = first_chunk + i;
+        const __m256i u0 = dot_lanes(c[i].h[0], _mm256_loadu_si256((const __m256i *)(xq + 64 * j)), bits);
+        const __m256i u1 = dot_lanes(c[i].h[1], _mm256_loadu_si256((const __m256i *)(xq + 64 * j + 32)), bits);
+        *acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(u0), _mm256_set1_ps(sc[(64 * j) >> shift] * dx[2 * j]), *acc0);
+        *acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(u1), _mm256_set1_ps(sc[(64 * j + 32) >> shift] * dx[2 * j + 1]), *acc1);
+    }
+}
+
+/* Rows [begin, end) for every token. One token (decoding) decodes each quad into registers and uses it at
+ * once; several tokens decode each row once (codes and per-lane scales) and then run every token's dot
+ * products. Both do the same arithmetic in the same order, so a token alone = in a batch, bit for bit. */
 EK_AVX2 EK_INLINE void rows_avx2(const simd_job *job, int64_t begin, int64_t end, const int bits) {
     const ek_matrix *m = job->base.m;
     const int64_t cols = m->cols, n_groups = cols / m->group, n_blocks = cols / 32, row_bytes = cols * bits / 8;
     const int64_t n_chunks = cols / 64, n_quads = (n_chunks + 3) / 4, T = job->base.n_tokens;
-    const int shift = __builtin_ctz((unsigned)m->group);
+    const quad_scales_map map = quad_scales_init(m, n_groups);
+    /* Transposed quads: all of them, or (natural tail) the full ones, the rest chunk by chunk. */
+    const int64_t n_tq = map.permuted ? n_chunks / 4 : n_quads, n_tail = map.permuted ? n_chunks % 4 : 0;
     ek_v64 codes[EK_AVX2_MAX_COLS / 64];
     __m256 scales[EK_AVX2_MAX_COLS / 128];
-    float sc[EK_AVX2_MAX_COLS / 16 + 8], sz[EK_AVX2_MAX_COLS / 16];
-    /* The first code of each lane's 16 within the quad: (lane & 3) * 64 + (lane >> 2) * 16. */
-    const __m256i pos0 = _mm256_setr_epi32(0, 64, 128, 192, 16, 80, 144, 208);
-    const __m256i pos1 = _mm256_setr_epi32(32, 96, 160, 224, 48, 112, 176, 240);
-    const __m256i dx0 = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6), dx1 = _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7);
-    const __m256i last_group = _mm256_set1_epi32((int)(n_groups - 1));
-    /* Groups of 32 to 256 codes: a quad's groups are 8 or fewer consecutive scales, picked by a permute
-     * (cheaper than a gather); past the row's last group the scales read are zeros. */
-    const int permuted = m->group >= 32 && m->group <= 256;
-    const __m256i rel0 = _mm256_srli_epi32(pos0, shift), rel1 = _mm256_srli_epi32(pos1, shift);
-    for (int g = 0; g < 8; g++) sc[n_groups + g] = 0.f;
+    float sc[EK_AVX2_MAX_COLS / 16 + 8], sz[EK_AVX2_MAX_COLS / 16 + 8];
+    __m256 dq[EK_AVX2_MAX_COLS / 128]; /* one token: its activation scales per quad lane, once per call */
+    if (T == 1)
+        for (int64_t k = 0; k < n_tq; k++) quad_dx_avx2(job->base.dx, k, n_blocks, &dq[2 * k], &dq[2 * k + 1]);
     for (int64_t r = begin; r < end; r++) {
         const uint8_t *q = m->q + r * row_bytes;
-        row_scales_avx2(m, r, n_groups, bits == 8 ? 128.f : 0.f, sc, sz);
-        for (int64_t k = 0; k < n_quads; k++) {
-            row_quad_avx2(q, bits, k, n_chunks, &codes[4 * k]);
-            if (permuted) {
-                const __m256 quad = _mm256_loadu_ps(sc + ((k * 256) >> shift));
-                scales[2 * k] = _mm256_permutevar8x32_ps(quad, rel0);
-                scales[2 * k + 1] = _mm256_permutevar8x32_ps(quad, rel1);
-                continue;
-            }
-            const __m256i start = _mm256_set1_epi32((int)(k * 256));
-            const __m256i g0 = _mm256_min_epi32(_mm256_srli_epi32(_mm256_add_epi32(start, pos0), shift), last_group);
-            const __m256i g1 = _mm256_min_epi32(_mm256_srli_epi32(_mm256_add_epi32(start, pos1), shift), last_group);
-            scales[2 * k] = _mm256_i32gather_ps(sc, g0, 4);
-            scales[2 * k + 1] = _mm256_i32gather_ps(sc, g1, 4);
-        }
         const int64_t out = job->base.out_index ? job->base.out_index[r] : r;
+        row_scales_avx2(m, r, n_groups, bits == 8 ? 128.f : 0.f, sc, sz);
+        ek_v64 *tail = &codes[4 * n_tq];
+        for (int64_t i = 0; i < n_tail; i++) decode_chunk_avx2(q + (4 * n_tq + i) * 8 * bits, bits, &tail[i]);
+        if (T == 1) {
+            for (int64_t off = 0; off < row_bytes; off += 64)
+                _mm_prefetch((const char *)(q + EK_PREFETCH_BYTES + off), _MM_HINT_T1);
+            __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+            for (int64_t k = 0; k < n_tq; k++) {
+                ek_v64 c[4];
+                __m256i u0, u1;
+                __m256 s0, s1;
+                row_quad_avx2(q, bits, k, n_chunks, c);
+                quad_dot_avx2(c, job->xt + k * 256, bits, &u0, &u1);
+                quad_scales_avx2(&map, sc, k, &s0, &s1);
+                quad_accumulate(u0, u1, s0, s1, dq[2 * k], dq[2 * k + 1], &acc0, &acc1);
+            }
+            tail_accumulate(tail, 4 * n_tq, n_tail, job->base.xq, job->base.dx, sc, map.shift, bits, &acc0, &acc1);
+            job->base.y[out] = sum8(_mm256_add_ps(acc0, acc1)) - zero_term_avx2(sz, job->gsum, n_groups);
+            continue;
+        }
+        for (int64_t k = 0; k < n_tq; k++) {
+            row_quad_avx2(q, bits, k, n_chunks, &codes[4 * k]);
+            quad_scales_avx2(&map, sc, k, &scales[2 * k], &scales[2 * k + 1]);
+        }
         for (int64_t t = 0; t < T; t++) {
             const float *dx = job->base.dx + t * n_blocks;
             __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-            for (int64_t k = 0; k < n_quads; k++) {
-                const int8_t *xt = job->xt + (t * n_quads + k) * 256;
-                __m256i u0 = _mm256_setzero_si256(), u1 = _mm256_setzero_si256();
-                for (int j = 0; j < 4; j++) {
-                    u0 = _mm256_add_epi32(u0, dot_lanes(codes[4 * k + j].h[0],
-                                                        _mm256_loadu_si256((const __m256i *)(xt + 64 * j)), bits));
-                    u1 = _mm256_add_epi32(u1, dot_lanes(codes[4 * k + j].h[1],
-                                                        _mm256_loadu_si256((const __m256i *)(xt + 64 * j + 32)), bits));
-                }
-                const int64_t left = n_blocks - 8 * k;
-                const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(left >= 8 ? 8 : (int)left),
-                                                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-                const __m256 d = _mm256_maskload_ps(dx + 8 * k, live);
-                acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(u0),
-                                       _mm256_mul_ps(_mm256_permutevar8x32_ps(d, dx0), scales[2 * k]), acc0);
-                acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(u1),
-                                       _mm256_mul_ps(_mm256_permutevar8x32_ps(d, dx1), scales[2 * k + 1]), acc1);
+            for (int64_t k = 0; k < n_tq; k++) {
+                __m256i u0, u1;
+                __m256 d0, d1;
+                quad_dot_avx2(&codes[4 * k], job->xt + (t * n_quads + k) * 256, bits, &u0, &u1);
+                quad_dx_avx2(dx, k, n_blocks, &d0, &d1);
+                quad_accumulate(u0, u1, scales[2 * k], scales[2 * k + 1], d0, d1, &acc0, &acc1);
             }
+            tail_accumulate(tail, 4 * n_tq, n_tail, job->base.xq + t * cols, dx, sc, map.shift, bits, &acc0, &acc1);
             job->base.y[t * job->base.out_stride + out] =
                 sum8(_mm256_add_ps(acc0, acc1)) - zero_term_avx2(sz, job->gsum + t * n_groups, n_groups);
         }
