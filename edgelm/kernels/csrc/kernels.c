@@ -1147,64 +1147,108 @@ EK_AVX2 EK_INLINE void tail_accumulate(const ek_v64 *c, int64_t first_chunk, int
     }
 }
 
-/* Rows [begin, end) for every token. One token (decoding) decodes each quad into registers and uses it at
- * once; several tokens decode each row once (codes and per-lane scales) and then run every token's dot
- * products. Both do the same arithmetic in the same order, so a token alone = in a batch, bit for bit. */
-EK_AVX2 EK_INLINE void rows_avx2(const simd_job *job, int64_t begin, int64_t end, const int bits) {
+/* One token (decoding): each quad decoded into registers and used at once. */
+EK_AVX2 EK_INLINE void rows_one_token_avx2(const simd_job *job, int64_t begin, int64_t end, const int bits) {
+    const ek_matrix *m = job->base.m;
+    const int64_t cols = m->cols, n_groups = cols / m->group, n_blocks = cols / 32, row_bytes = cols * bits / 8;
+    const int64_t n_chunks = cols / 64;
+    const quad_scales_map map = quad_scales_init(m, n_groups);
+    /* Transposed quads: all of them, or (natural tail) the full ones, the rest chunk by chunk. */
+    const int64_t n_tq = map.permuted ? n_chunks / 4 : (n_chunks + 3) / 4, n_tail = map.permuted ? n_chunks % 4 : 0;
+    ek_v64 tail[3];
+    float sc[EK_AVX2_MAX_COLS / 16 + 8], sz[EK_AVX2_MAX_COLS / 16 + 8];
+    __m256 dq[EK_AVX2_MAX_COLS / 128]; /* the token's activation scales per quad lane */
+    for (int64_t k = 0; k < n_tq; k++) quad_dx_avx2(job->base.dx, k, n_blocks, &dq[2 * k], &dq[2 * k + 1]);
+    for (int64_t r = begin; r < end; r++) {
+        const uint8_t *q = m->q + r * row_bytes;
+        for (int64_t off = 0; off < row_bytes; off += 64)
+            _mm_prefetch((const char *)(q + EK_PREFETCH_BYTES + off), _MM_HINT_T1);
+        row_scales_avx2(m, r, n_groups, bits == 8 ? 128.f : 0.f, sc, sz);
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        for (int64_t k = 0; k < n_tq; k++) {
+            ek_v64 c[4];
+            __m256i u0, u1;
+            __m256 s0, s1;
+            row_quad_avx2(q, bits, k, n_chunks, c);
+            quad_dot_avx2(c, job->xt + k * 256, bits, &u0, &u1);
+            quad_scales_avx2(&map, sc, k, &s0, &s1);
+            quad_accumulate(u0, u1, s0, s1, dq[2 * k], dq[2 * k + 1], &acc0, &acc1);
+        }
+        for (int64_t i = 0; i < n_tail; i++) decode_chunk_avx2(q + (4 * n_tq + i) * 8 * bits, bits, &tail[i]);
+        tail_accumulate(tail, 4 * n_tq, n_tail, job->base.xq, job->base.dx, sc, map.shift, bits, &acc0, &acc1);
+        job->base.y[job->base.out_index ? job->base.out_index[r] : r] =
+            sum8(_mm256_add_ps(acc0, acc1)) - zero_term_avx2(sz, job->gsum, n_groups);
+    }
+}
+
+/* Several tokens: a block of rows is decoded once (codes, per-lane scales, s * z per group) into buffers
+ * that stay in L1 with a block of tokens' activations, and every (row, token) of the two blocks runs from
+ * there. Each (row, token) does the one-token arithmetic in the same order, so a token alone = in a
+ * batch, bit for bit. */
+#define EK_AVX2_CODE_VECTORS 512   /* 32 KB of decoded codes */
+#define EK_AVX2_SCALE_VECTORS 256  /* 8 KB of per-lane scales; as much for the tokens' dx */
+#define EK_AVX2_GROUP_FLOATS 2048  /* 8 KB of scales per group; as much for s * z */
+EK_AVX2 EK_INLINE void rows_tokens_avx2(const simd_job *job, int64_t begin, int64_t end, const int bits) {
     const ek_matrix *m = job->base.m;
     const int64_t cols = m->cols, n_groups = cols / m->group, n_blocks = cols / 32, row_bytes = cols * bits / 8;
     const int64_t n_chunks = cols / 64, n_quads = (n_chunks + 3) / 4, T = job->base.n_tokens;
     const quad_scales_map map = quad_scales_init(m, n_groups);
-    /* Transposed quads: all of them, or (natural tail) the full ones, the rest chunk by chunk. */
     const int64_t n_tq = map.permuted ? n_chunks / 4 : n_quads, n_tail = map.permuted ? n_chunks % 4 : 0;
-    ek_v64 codes[EK_AVX2_MAX_COLS / 64];
-    __m256 scales[EK_AVX2_MAX_COLS / 128];
-    float sc[EK_AVX2_MAX_COLS / 16 + 8], sz[EK_AVX2_MAX_COLS / 16 + 8];
-    __m256 dq[EK_AVX2_MAX_COLS / 128]; /* one token: its activation scales per quad lane, once per call */
-    if (T == 1)
-        for (int64_t k = 0; k < n_tq; k++) quad_dx_avx2(job->base.dx, k, n_blocks, &dq[2 * k], &dq[2 * k + 1]);
-    for (int64_t r = begin; r < end; r++) {
-        const uint8_t *q = m->q + r * row_bytes;
-        const int64_t out = job->base.out_index ? job->base.out_index[r] : r;
-        row_scales_avx2(m, r, n_groups, bits == 8 ? 128.f : 0.f, sc, sz);
-        ek_v64 *tail = &codes[4 * n_tq];
-        for (int64_t i = 0; i < n_tail; i++) decode_chunk_avx2(q + (4 * n_tq + i) * 8 * bits, bits, &tail[i]);
-        if (T == 1) {
-            for (int64_t off = 0; off < row_bytes; off += 64)
-                _mm_prefetch((const char *)(q + EK_PREFETCH_BYTES + off), _MM_HINT_T1);
-            __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    const int64_t row_vectors = 4 * n_tq + n_tail, group_stride = n_groups + 8;
+    int64_t block_rows = EK_AVX2_CODE_VECTORS / row_vectors;
+    if (block_rows > EK_AVX2_SCALE_VECTORS / (2 * n_tq + 1)) block_rows = EK_AVX2_SCALE_VECTORS / (2 * n_tq + 1);
+    if (block_rows > EK_AVX2_GROUP_FLOATS / group_stride) block_rows = EK_AVX2_GROUP_FLOATS / group_stride;
+    if (block_rows > 8) block_rows = 8;
+    int64_t block_tokens = EK_AVX2_SCALE_VECTORS / (2 * n_tq + 1);
+    if (block_tokens > 8) block_tokens = 8;
+    ek_v64 codes[EK_AVX2_CODE_VECTORS];
+    __m256 scales[EK_AVX2_SCALE_VECTORS], dq[EK_AVX2_SCALE_VECTORS];
+    float sc[EK_AVX2_GROUP_FLOATS], sz[EK_AVX2_GROUP_FLOATS];
+    for (int64_t r0 = begin; r0 < end; r0 += block_rows) {
+        const int64_t nr = end - r0 < block_rows ? end - r0 : block_rows;
+        for (int64_t i = 0; i < nr; i++) {
+            const uint8_t *q = m->q + (r0 + i) * row_bytes;
+            ek_v64 *c = codes + i * row_vectors;
+            float *rsc = sc + i * group_stride;
+            row_scales_avx2(m, r0 + i, n_groups, bits == 8 ? 128.f : 0.f, rsc, sz + i * group_stride);
             for (int64_t k = 0; k < n_tq; k++) {
-                ek_v64 c[4];
-                __m256i u0, u1;
-                __m256 s0, s1;
-                row_quad_avx2(q, bits, k, n_chunks, c);
-                quad_dot_avx2(c, job->xt + k * 256, bits, &u0, &u1);
-                quad_scales_avx2(&map, sc, k, &s0, &s1);
-                quad_accumulate(u0, u1, s0, s1, dq[2 * k], dq[2 * k + 1], &acc0, &acc1);
+                row_quad_avx2(q, bits, k, n_chunks, &c[4 * k]);
+                quad_scales_avx2(&map, rsc, k, &scales[i * 2 * n_tq + 2 * k], &scales[i * 2 * n_tq + 2 * k + 1]);
             }
-            tail_accumulate(tail, 4 * n_tq, n_tail, job->base.xq, job->base.dx, sc, map.shift, bits, &acc0, &acc1);
-            job->base.y[out] = sum8(_mm256_add_ps(acc0, acc1)) - zero_term_avx2(sz, job->gsum, n_groups);
-            continue;
+            for (int64_t j = 0; j < n_tail; j++) decode_chunk_avx2(q + (4 * n_tq + j) * 8 * bits, bits, &c[4 * n_tq + j]);
         }
-        for (int64_t k = 0; k < n_tq; k++) {
-            row_quad_avx2(q, bits, k, n_chunks, &codes[4 * k]);
-            quad_scales_avx2(&map, sc, k, &scales[2 * k], &scales[2 * k + 1]);
-        }
-        for (int64_t t = 0; t < T; t++) {
-            const float *dx = job->base.dx + t * n_blocks;
-            __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-            for (int64_t k = 0; k < n_tq; k++) {
-                __m256i u0, u1;
-                __m256 d0, d1;
-                quad_dot_avx2(&codes[4 * k], job->xt + (t * n_quads + k) * 256, bits, &u0, &u1);
-                quad_dx_avx2(dx, k, n_blocks, &d0, &d1);
-                quad_accumulate(u0, u1, scales[2 * k], scales[2 * k + 1], d0, d1, &acc0, &acc1);
+        for (int64_t t0 = 0; t0 < T; t0 += block_tokens) {
+            const int64_t nt = T - t0 < block_tokens ? T - t0 : block_tokens;
+            for (int64_t t = 0; t < nt; t++)
+                for (int64_t k = 0; k < n_tq; k++)
+                    quad_dx_avx2(job->base.dx + (t0 + t) * n_blocks, k, n_blocks, &dq[t * 2 * n_tq + 2 * k],
+                                 &dq[t * 2 * n_tq + 2 * k + 1]);
+            for (int64_t i = 0; i < nr; i++) {
+                const ek_v64 *c = codes + i * row_vectors;
+                const __m256 *s = scales + i * 2 * n_tq;
+                const int64_t out = job->base.out_index ? job->base.out_index[r0 + i] : r0 + i;
+                for (int64_t t = t0; t < t0 + nt; t++) {
+                    const __m256 *d = dq + (t - t0) * 2 * n_tq;
+                    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+                    for (int64_t k = 0; k < n_tq; k++) {
+                        __m256i u0, u1;
+                        quad_dot_avx2(&c[4 * k], job->xt + (t * n_quads + k) * 256, bits, &u0, &u1);
+                        quad_accumulate(u0, u1, s[2 * k], s[2 * k + 1], d[2 * k], d[2 * k + 1], &acc0, &acc1);
+                    }
+                    tail_accumulate(&c[4 * n_tq], 4 * n_tq, n_tail, job->base.xq + t * cols, job->base.dx + t * n_blocks,
+                                    sc + i * group_stride, map.shift, bits, &acc0, &acc1);
+                    job->base.y[t * job->base.out_stride + out] =
+                        sum8(_mm256_add_ps(acc0, acc1)) -
+                        zero_term_avx2(sz + i * group_stride, job->gsum + t * n_groups, n_groups);
+                }
             }
-            tail_accumulate(tail, 4 * n_tq, n_tail, job->base.xq + t * cols, dx, sc, map.shift, bits, &acc0, &acc1);
-            job->base.y[t * job->base.out_stride + out] =
-                sum8(_mm256_add_ps(acc0, acc1)) - zero_term_avx2(sz, job->gsum + t * n_groups, n_groups);
         }
     }
+}
+
+EK_AVX2 EK_INLINE void rows_avx2(const simd_job *job, int64_t begin, int64_t end, const int bits) {
+    if (job->base.n_tokens == 1) rows_one_token_avx2(job, begin, end, bits);
+    else rows_tokens_avx2(job, begin, end, bits);
 }
 
 #define EK_AVX2_KERNEL(BITS)                                                                                 \
