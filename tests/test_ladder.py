@@ -44,3 +44,31 @@ def test_table_and_plot(tmp_path):
     assert (tmp_path / "ladder.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| llama.cpp | Q4_0 | 7.010 |" in (tmp_path / "ladder.md").read_text()
     assert not list(tmp_path.glob(".*partial*"))
+
+
+def _ladder_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "quality_ladder.py"
+    spec = importlib.util.spec_from_file_location("quality_ladder", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_two_ladder_runs_keep_each_others_results(tmp_path):
+    """`--only edgelm` and `--only llama.cpp` side by side write one results.json without losing records."""
+    ladder = _ladder_script()
+    first, second = ladder.Results(tmp_path / "results.json"), ladder.Results(tmp_path / "results.json")
+    first.put({"engine": "edgelm", "name": "a", "ppl": 1.0})
+    second.put({"engine": "llama.cpp", "name": "Q8_0", "ppl": 2.0})
+    first.put({"engine": "edgelm", "name": "a", "ppl": 3.0})  # a rung measured again replaces its record
+    on_disk = ladder.Results(tmp_path / "results.json").records
+    assert sorted((r["name"], r["ppl"]) for r in on_disk) == [("Q8_0", 2.0), ("a", 3.0)]
+
+
+def test_rungs_run_in_the_order_asked():
+    ladder = _ladder_script()
+    assert ladder.ordered_rungs(ladder.EDGELM_RUNGS, ["mixed-3", "source", "Q8_0"]) == ["mixed-3", "source"]
+    assert ladder.ordered_rungs(ladder.EDGELM_RUNGS, None) == list(ladder.EDGELM_RUNGS)
