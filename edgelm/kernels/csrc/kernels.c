@@ -1680,10 +1680,22 @@ EK_AVX512 static void halves_to_floats_avx512(const uint16_t *h, float *out, int
 }
 #endif
 
+#ifdef EK_X86
+EK_AVX2 static void halves_to_floats_avx2(const uint16_t *h, float *out, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+    for (; i < n; i++) out[i] = half_to_float(h[i]);
+}
+#endif
+
 static void halves_to_floats(const uint16_t *h, float *out, int64_t n) {
 #ifdef EK_X86
     if (ek_cpu_level() >= EK_AVX512_VNNI) {
         halves_to_floats_avx512(h, out, n);
+        return;
+    }
+    if (ek_cpu_level() == EK_AVX2_LEVEL) {
+        halves_to_floats_avx2(h, out, n);
         return;
     }
 #endif
@@ -1789,12 +1801,28 @@ EK_AVX512 static float dot_avx512(const float *a, const float *b, int64_t n) {
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
+
+EK_AVX2 static float dot_avx2(const float *a, const float *b, int64_t n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    }
+    for (; i < n; i += 8) {
+        const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n - i < 8 ? n - i : 8)),
+                                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        acc0 = _mm256_fmadd_ps(_mm256_maskload_ps(a + i, live), _mm256_maskload_ps(b + i, live), acc0);
+    }
+    return sum8(_mm256_add_ps(acc0, acc1));
+}
 #endif
 
 /* <a, b> in float32 (SIMD where the CPU has it; the sum's rounding then differs from a left-to-right one). */
 static float dot_f32(const float *a, const float *b, int64_t n) {
 #ifdef EK_X86
     if (ek_cpu_level() >= EK_AVX512_VNNI) return dot_avx512(a, b, n);
+    if (ek_cpu_level() == EK_AVX2_LEVEL) return dot_avx2(a, b, n);
 #endif
     float acc[8] = {0};
     int64_t i = 0;
@@ -1962,10 +1990,35 @@ EK_AVX512 static void accumulate_rows_avx512(float *o, const float *p, const flo
 }
 #endif
 
+#ifdef EK_X86
+EK_AVX2 static void accumulate_rows_avx2(float *o, const float *p, const float *rows, int64_t n, int64_t hd) {
+    for (int64_t c = 0; c < hd; c += 32) {
+        __m256 a0 = _mm256_loadu_ps(o + c), a1 = _mm256_loadu_ps(o + c + 8);
+        __m256 a2 = _mm256_loadu_ps(o + c + 16), a3 = _mm256_loadu_ps(o + c + 24);
+        for (int64_t j = 0; j < n; j++) {
+            const __m256 pj = _mm256_set1_ps(p[j]);
+            const float *v = rows + j * hd + c;
+            a0 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v), a0);
+            a1 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8), a1);
+            a2 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 16), a2);
+            a3 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 24), a3);
+        }
+        _mm256_storeu_ps(o + c, a0);
+        _mm256_storeu_ps(o + c + 8, a1);
+        _mm256_storeu_ps(o + c + 16, a2);
+        _mm256_storeu_ps(o + c + 24, a3);
+    }
+}
+#endif
+
 static void accumulate_rows(float *o, const float *p, const float *rows, int64_t n, int64_t hd) {
 #ifdef EK_X86
     if (ek_cpu_level() >= EK_AVX512_VNNI && hd % 64 == 0) {
         accumulate_rows_avx512(o, p, rows, n, hd);
+        return;
+    }
+    if (ek_cpu_level() == EK_AVX2_LEVEL && hd % 32 == 0) {
+        accumulate_rows_avx2(o, p, rows, n, hd);
         return;
     }
 #endif
