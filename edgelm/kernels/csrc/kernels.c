@@ -835,20 +835,18 @@ EK_AVX2 EK_INLINE __m256i field256(__m256i v, int from, int to, int width) {
     return _mm256_and_si256(shifted, _mm256_set1_epi8((char)(((1 << width) - 1) << to)));
 }
 
-/* 32 bits -> 32 bytes: byte i = `value` where bit i is set, else 0. */
-EK_AVX2 EK_INLINE __m256i expand_bits32(uint32_t m, int value) {
-    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)m),
-                                               _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL,
-                                                                 0x0101010101010101LL, 0));
-    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
-    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8((char)value));
-}
-
+/* 64 bits -> 64 bytes: byte i = `value` where bit i is set, else 0 (one 64-bit broadcast for both halves). */
 EK_AVX2 EK_INLINE void expand_bits64(const uint8_t *p, int value, ek_v64 *out) {
-    uint64_t m;
+    long long m;
     memcpy(&m, p, 8);
-    out->h[0] = expand_bits32((uint32_t)m, value);
-    out->h[1] = expand_bits32((uint32_t)(m >> 32), value);
+    const __m256i all = _mm256_set1_epi64x(m);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL), v = _mm256_set1_epi8((char)value);
+    const __m256i lo = _mm256_shuffle_epi8(all, _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL,
+                                                                  0x0101010101010101LL, 0));
+    const __m256i hi = _mm256_shuffle_epi8(all, _mm256_set_epi64x(0x0707070707070707LL, 0x0606060606060606LL,
+                                                                  0x0505050505050505LL, 0x0404040404040404LL));
+    out->h[0] = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(lo, bit), bit), v);
+    out->h[1] = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hi, bit), bit), v);
 }
 
 /* A full quad's four transposed vectors (as decode_quad). */
