@@ -36,35 +36,53 @@ def pareto_front(records: list[dict]) -> list[dict]:
     return front
 
 
+# The plot shows perplexities up to this multiple of the best one (and models up to MAX_PLOTTED_BPW): the
+# unusable rungs would otherwise squeeze every usable one into a strip; they are listed under the plot.
+PLOTTED_PPL_RATIO = 2.2
+MAX_PLOTTED_BPW = 12.0
+
+
 def plot(records: list[dict], path: Path, title: str) -> None:
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
+    best = min(r["ppl"] for r in records)
+    shown = [r for r in records if r["ppl"] <= PLOTTED_PPL_RATIO * best and r["bpw"] <= MAX_PLOTTED_BPW] or records
+    hidden = [r for r in records if r not in shown]
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
     styles = {"edgelm": ("tab:blue", "o"), "llama.cpp": ("tab:orange", "s")}
     for engine, (color, marker) in styles.items():
-        mine = [r for r in records if r["engine"] == engine]
+        mine = [r for r in shown if r["engine"] == engine]
         if not mine:
             continue
         ax.scatter([r["bpw"] for r in mine], [r["ppl"] for r in mine], color=color, marker=marker, label=engine,
-                   zorder=3)
+                   zorder=3, alpha=0.85)
         front = pareto_front(mine)
         ax.plot([r["bpw"] for r in front], [r["ppl"] for r in front], color=color, alpha=0.6, zorder=2)
-        for r in mine:
-            ax.annotate(r["name"], (r["bpw"], r["ppl"]), textcoords="offset points", xytext=(4, 3), fontsize=6,
-                        color=color)
+        for r in front:  # the front's rungs are named; the table names the rest
+            ax.annotate(r["name"], (r["bpw"], r["ppl"]), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                        color=color, rotation=30)
     ax.set_xlabel("bits per weight (whole model, embedding included)")
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_yscale("log")
+    ax.margins(x=0.04, y=0.12)  # room for the names
     ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.0f"))
-    ax.set_title(title)
+    ax.set_title(title + " (lines: each engine's Pareto front)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    ax.legend(loc="upper right")
+    if hidden:
+        note = "Off the plot: " + "; ".join(f"{r['engine']} {r['name']} ({r['bpw']:.2f} bpw, PPL {r['ppl']:.1f})"
+                                            for r in sorted(hidden, key=lambda r: r["bpw"]))
+        fig.text(0.01, 0.01, "\n".join(textwrap.wrap(note, 150)), fontsize=6, va="bottom")
+        fig.tight_layout(rect=(0, 0.02 + 0.018 * len(textwrap.wrap(note, 150)), 1, 1))
+    else:
+        fig.tight_layout()
     tmp = path.with_name(f".{path.name}.partial.png")
     fig.savefig(tmp)
     plt.close(fig)
