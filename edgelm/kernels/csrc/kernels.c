@@ -1966,7 +1966,8 @@ static void cache_rows(const float *cache, const ek_kv_quant *quant, int64_t fir
 }
 
 /* o[hd] += sum_j p[j] * rows[j][hd], j in order (each element gets one multiply-add per j, so splitting the
- * rows over several calls changes nothing); on AVX-512 64 outputs at a time stay in registers across j. */
+ * rows over several calls changes nothing); 64 outputs at a time (AVX-512) or 32 (AVX2) stay in registers
+ * across j. */
 #ifdef EK_X86
 EK_AVX512 static void accumulate_rows_avx512(float *o, const float *p, const float *rows, int64_t n, int64_t hd) {
     for (int64_t c = 0; c < hd; c += 64) {
@@ -1986,9 +1987,7 @@ EK_AVX512 static void accumulate_rows_avx512(float *o, const float *p, const flo
         _mm512_storeu_ps(o + c + 48, a3);
     }
 }
-#endif
 
-#ifdef EK_X86
 EK_AVX2 static void accumulate_rows_avx2(float *o, const float *p, const float *rows, int64_t n, int64_t hd) {
     for (int64_t c = 0; c < hd; c += 32) {
         __m256 a0 = _mm256_loadu_ps(o + c), a1 = _mm256_loadu_ps(o + c + 8);
