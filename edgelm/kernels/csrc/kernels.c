@@ -1145,6 +1145,16 @@ EK_AVX2 EK_INLINE void tail_accumulate(const ek_v64 *c, int64_t first_chunk, int
     }
 }
 
+/* One (row, token)'s result from its quad accumulators: the tail chunks, the lanes summed, less the zero
+ * points' term. Both the one-token and the several-token paths end here, which keeps them bit-identical. */
+EK_AVX2 EK_INLINE float row_token_result(__m256 acc0, __m256 acc1, const ek_v64 *tail, int64_t first_chunk,
+                                         int64_t n_tail, const int8_t *xq, const float *dx, const float *sc,
+                                         const float *sz, const float *gsum, int64_t n_groups, int shift,
+                                         const int bits) {
+    tail_accumulate(tail, first_chunk, n_tail, xq, dx, sc, shift, bits, &acc0, &acc1);
+    return sum8(_mm256_add_ps(acc0, acc1)) - zero_term_avx2(sz, gsum, n_groups);
+}
+
 /* One token (decoding): each quad decoded into registers and used at once. */
 EK_AVX2 EK_INLINE void rows_one_token_avx2(const simd_job *job, int64_t begin, int64_t end, const int bits) {
     const ek_matrix *m = job->base.m;
@@ -1173,9 +1183,9 @@ EK_AVX2 EK_INLINE void rows_one_token_avx2(const simd_job *job, int64_t begin, i
             quad_accumulate(u0, u1, s0, s1, dq[2 * k], dq[2 * k + 1], &acc0, &acc1);
         }
         for (int64_t i = 0; i < n_tail; i++) decode_chunk_avx2(q + (4 * n_tq + i) * 8 * bits, bits, &tail[i]);
-        tail_accumulate(tail, 4 * n_tq, n_tail, job->base.xq, job->base.dx, sc, map.shift, bits, &acc0, &acc1);
         job->base.y[job->base.out_index ? job->base.out_index[r] : r] =
-            sum8(_mm256_add_ps(acc0, acc1)) - zero_term_avx2(sz, job->gsum, n_groups);
+            row_token_result(acc0, acc1, tail, 4 * n_tq, n_tail, job->base.xq, job->base.dx, sc, sz, job->gsum,
+                             n_groups, map.shift, bits);
     }
 }
 
@@ -1233,11 +1243,9 @@ EK_AVX2 EK_INLINE void rows_tokens_avx2(const simd_job *job, int64_t begin, int6
                         quad_dot_avx2(&c[4 * k], job->xt + (t * n_quads + k) * 256, bits, &u0, &u1);
                         quad_accumulate(u0, u1, s[2 * k], s[2 * k + 1], d[2 * k], d[2 * k + 1], &acc0, &acc1);
                     }
-                    tail_accumulate(&c[4 * n_tq], 4 * n_tq, n_tail, job->base.xq + t * cols, job->base.dx + t * n_blocks,
-                                    sc + i * group_stride, map.shift, bits, &acc0, &acc1);
-                    job->base.y[t * job->base.out_stride + out] =
-                        sum8(_mm256_add_ps(acc0, acc1)) -
-                        zero_term_avx2(sz + i * group_stride, job->gsum + t * n_groups, n_groups);
+                    job->base.y[t * job->base.out_stride + out] = row_token_result(
+                        acc0, acc1, &c[4 * n_tq], 4 * n_tq, n_tail, job->base.xq + t * cols, job->base.dx + t * n_blocks,
+                        sc + i * group_stride, sz + i * group_stride, job->gsum + t * n_groups, n_groups, map.shift, bits);
                 }
             }
         }
