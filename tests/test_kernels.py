@@ -83,15 +83,18 @@ def test_matvec_matches_dequantized_reference(bits, group):
 
 @needs_kernels
 @pytest.mark.parametrize("bits", range(1, 9))
-def test_a_batch_gives_each_token_its_single_token_result_bit_for_bit(bits):
-    """One token, 2-4 tokens (rows decoded in registers) and longer batches (rows decoded into a buffer)
-    take different paths through the same arithmetic: speculative verification and prefill must reproduce
-    plain decoding exactly. Rows of 640: two full quads and a partial one."""
-    weight = packed(37, 640, bits, 32, seed=bits)
-    x = torch.randn(9, 640, generator=torch.Generator().manual_seed(bits))
+@pytest.mark.parametrize("cols,group", [(640, 32), (640, 16), (4416, 16), (4416, 64)])
+def test_a_batch_gives_each_token_its_single_token_result_bit_for_bit(bits, cols, group):
+    """One token, 2-8 tokens (rows decoded in registers, long rows by segments) and longer batches (rows
+    decoded into a buffer) take different paths through the same arithmetic: speculative verification and
+    prefill must reproduce plain decoding exactly. Rows of 640: two full quads and a partial one; of 4416:
+    17 full quads and a partial one, more than one segment; groups of 16 take their scales another way.
+    37 rows: a last short block."""
+    weight = packed(37, cols, bits, group, seed=bits)
+    x = torch.randn(9, cols, generator=torch.Generator().manual_seed(bits))
     km = KernelMatrix.from_packed(weight)
     single = torch.cat([km.matvec(QuantizedActivations(x[t:t + 1])) for t in range(9)])
-    for n in (2, 3, 4, 5, 9):
+    for n in (2, 3, 4, 5, 8, 9):
         assert torch.equal(km.matvec(QuantizedActivations(x[:n])), single[:n]), n
     expected = reference(weight, QuantizedActivations(x))
     assert (single.double() - expected).abs().max() / expected.abs().max() < 1e-5

@@ -835,57 +835,65 @@ EK_AVX2 EK_INLINE __m256i field256(__m256i v, int from, int to, int width) {
     return _mm256_and_si256(shifted, _mm256_set1_epi8((char)(((1 << width) - 1) << to)));
 }
 
-/* 64 bits -> 64 bytes: byte i = `value` where bit i is set, else 0 (one 64-bit broadcast for both halves). */
-EK_AVX2 EK_INLINE void expand_bits64(const uint8_t *p, int value, ek_v64 *out) {
+/* 32 of 64 bits (half h) -> 32 bytes: byte i = `value` where bit 32h + i is set, else 0 (one 64-bit broadcast). */
+EK_AVX2 EK_INLINE __m256i expand_bits32(const uint8_t *p, int value, int h) {
     long long m;
     memcpy(&m, p, 8);
     const __m256i all = _mm256_set1_epi64x(m);
     const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL), v = _mm256_set1_epi8((char)value);
-    const __m256i lo = _mm256_shuffle_epi8(all, _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL,
-                                                                  0x0101010101010101LL, 0));
-    const __m256i hi = _mm256_shuffle_epi8(all, _mm256_set_epi64x(0x0707070707070707LL, 0x0606060606060606LL,
-                                                                  0x0505050505050505LL, 0x0404040404040404LL));
-    out->h[0] = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(lo, bit), bit), v);
-    out->h[1] = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hi, bit), bit), v);
+    const __m256i spread = h ? _mm256_shuffle_epi8(all, _mm256_set_epi64x(0x0707070707070707LL, 0x0606060606060606LL,
+                                                                        0x0505050505050505LL, 0x0404040404040404LL))
+                             : _mm256_shuffle_epi8(all, _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL,
+                                                                        0x0101010101010101LL, 0));
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), v);
 }
 
-/* A full quad's four transposed vectors (as decode_quad). */
-EK_AVX2 EK_INLINE void decode_quad_avx2(const uint8_t *p, const int bits, ek_v64 *c) {
+/* 64 bits -> 64 bytes: byte i = `value` where bit i is set, else 0. */
+EK_AVX2 EK_INLINE void expand_bits64(const uint8_t *p, int value, ek_v64 *out) {
+    out->h[0] = expand_bits32(p, value, 0);
+    out->h[1] = expand_bits32(p, value, 1);
+}
+
+/* Half h of a full quad's four transposed vectors (as decode_quad): the halves decode independently. */
+EK_AVX2 EK_INLINE void decode_quad_half_avx2(const uint8_t *p, const int bits, int h, __m256i *c) {
     if (bits == 8) {
-        for (int k = 0; k < 4; k++)
-            for (int h = 0; h < 2; h++) c[k].h[h] = _mm256_loadu_si256((const __m256i *)(p + 64 * k + 32 * h));
+        for (int k = 0; k < 4; k++) c[k] = _mm256_loadu_si256((const __m256i *)(p + 64 * k + 32 * h));
         return;
     }
     int shift = 0;
     if (bits & 4) {
-        for (int h = 0; h < 2; h++) {
-            const __m256i v0 = _mm256_loadu_si256((const __m256i *)(p + 32 * h));
-            const __m256i v1 = _mm256_loadu_si256((const __m256i *)(p + 64 + 32 * h));
-            c[0].h[h] = field256(v0, 0, 0, 4);
-            c[1].h[h] = field256(v0, 4, 0, 4);
-            c[2].h[h] = field256(v1, 0, 0, 4);
-            c[3].h[h] = field256(v1, 4, 0, 4);
-        }
+        const __m256i v0 = _mm256_loadu_si256((const __m256i *)(p + 32 * h));
+        const __m256i v1 = _mm256_loadu_si256((const __m256i *)(p + 64 + 32 * h));
+        c[0] = field256(v0, 0, 0, 4);
+        c[1] = field256(v0, 4, 0, 4);
+        c[2] = field256(v1, 0, 0, 4);
+        c[3] = field256(v1, 4, 0, 4);
         p += 128;
         shift = 4;
     }
     if (bits & 2) {
-        for (int h = 0; h < 2; h++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 32 * h));
-            for (int k = 0; k < 4; k++) {
-                const __m256i f = field256(v, 2 * k, shift, 2);
-                c[k].h[h] = shift ? _mm256_or_si256(c[k].h[h], f) : f;
-            }
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 32 * h));
+        for (int k = 0; k < 4; k++) {
+            const __m256i f = field256(v, 2 * k, shift, 2);
+            c[k] = shift ? _mm256_or_si256(c[k], f) : f;
         }
         p += 64;
         shift += 2;
     }
     if (bits & 1) {
         for (int k = 0; k < 4; k++) {
-            ek_v64 b;
-            expand_bits64(p + 8 * k, 1 << shift, &b);
-            for (int h = 0; h < 2; h++) c[k].h[h] = shift ? _mm256_or_si256(c[k].h[h], b.h[h]) : b.h[h];
+            const __m256i b = expand_bits32(p + 8 * k, 1 << shift, h);
+            c[k] = shift ? _mm256_or_si256(c[k], b) : b;
         }
+    }
+}
+
+/* A full quad's four transposed vectors (as decode_quad). */
+EK_AVX2 EK_INLINE void decode_quad_avx2(const uint8_t *p, const int bits, ek_v64 *c) {
+    for (int h = 0; h < 2; h++) {
+        __m256i half[4];
+        decode_quad_half_avx2(p, bits, h, half);
+        for (int k = 0; k < 4; k++) c[k].h[h] = half[k];
     }
 }
 
@@ -946,6 +954,18 @@ EK_AVX2 EK_INLINE void row_quad_avx2(const uint8_t *q, const int bits, int64_t k
         else c[j].h[0] = c[j].h[1] = _mm256_setzero_si256();
     }
     transpose_quad_avx2(c);
+}
+
+/* Half h of quad k of a row (as row_quad_avx2). */
+EK_AVX2 EK_INLINE void row_quad_half_avx2(const uint8_t *q, const int bits, int64_t k, int64_t n_chunks, int h,
+                                          __m256i *c) {
+    if (4 * k + 4 <= n_chunks) {
+        decode_quad_half_avx2(q + k * 32 * bits, bits, h, c);
+        return;
+    }
+    ek_v64 whole[4];
+    row_quad_avx2(q, bits, k, n_chunks, whole);
+    for (int j = 0; j < 4; j++) c[j] = whole[j].h[h];
 }
 
 /* xq [T][cols] -> xt [T][n_quads * 256], each quad transposed as the codes are (zeros past the row): for the
@@ -1051,37 +1071,41 @@ EK_AVX2 EK_INLINE float zero_term_avx2(const float *sz, const float *gsum, int64
     return sum8(acc);
 }
 
-/* Per dword lane, the integer dot product of a transposed quad (4 vectors) with the token's transposed
- * activations. vpmaddubsw's int16 pair sums of several vectors are added before the one vpmaddwd while they
- * cannot overflow (|pair| <= 2 * (2^bits - 1) * 127: four of them up to 5 bits, two at 6 bits): the same
- * integers as a vpmaddwd per vector, with fewer instructions. */
-EK_AVX2 EK_INLINE void quad_dot_avx2(const ek_v64 *c, const int8_t *xt, const int bits, __m256i *u0, __m256i *u1) {
-    const __m256i ones = _mm256_set1_epi16(1);
+/* Per dword lane, the integer dot product of half a transposed quad (4 vectors) with the token's transposed
+ * activations (from x, 64 bytes apart). vpmaddubsw's int16 pair sums of several vectors are added before the
+ * one vpmaddwd while they cannot overflow (|pair| <= 2 * (2^bits - 1) * 127: four of them up to 5 bits, two
+ * at 6 bits): the same integers as a vpmaddwd per vector, with fewer instructions. */
+EK_AVX2 EK_INLINE __m256i half_dot_avx2(const __m256i *c, const int8_t *x, const int bits) {
+    __m256i u = _mm256_setzero_si256();
     if (bits <= 6) {
         const int per = bits <= 5 ? 4 : 2;
-        *u0 = *u1 = _mm256_setzero_si256();
         for (int j0 = 0; j0 < 4; j0 += per) {
-            __m256i p0 = _mm256_setzero_si256(), p1 = _mm256_setzero_si256();
-            for (int j = j0; j < j0 + per; j++) {
-                p0 = _mm256_add_epi16(p0, _mm256_maddubs_epi16(c[j].h[0], _mm256_loadu_si256((const __m256i *)(xt + 64 * j))));
-                p1 = _mm256_add_epi16(p1, _mm256_maddubs_epi16(c[j].h[1], _mm256_loadu_si256((const __m256i *)(xt + 64 * j + 32))));
-            }
-            *u0 = _mm256_add_epi32(*u0, _mm256_madd_epi16(p0, ones));
-            *u1 = _mm256_add_epi32(*u1, _mm256_madd_epi16(p1, ones));
+            __m256i pairs = _mm256_maddubs_epi16(c[j0], _mm256_loadu_si256((const __m256i *)(x + 64 * j0)));
+            for (int j = j0 + 1; j < j0 + per; j++)
+                pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(c[j], _mm256_loadu_si256((const __m256i *)(x + 64 * j))));
+            u = _mm256_add_epi32(u, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
         }
-        return;
+        return u;
     }
-    *u0 = *u1 = _mm256_setzero_si256();
-    for (int j = 0; j < 4; j++) {
-        *u0 = _mm256_add_epi32(*u0, dot_lanes(c[j].h[0], _mm256_loadu_si256((const __m256i *)(xt + 64 * j)), bits));
-        *u1 = _mm256_add_epi32(*u1, dot_lanes(c[j].h[1], _mm256_loadu_si256((const __m256i *)(xt + 64 * j + 32)), bits));
+    for (int j = 0; j < 4; j++) u = _mm256_add_epi32(u, dot_lanes(c[j], _mm256_loadu_si256((const __m256i *)(x + 64 * j)), bits));
+    return u;
+}
+
+/* Both halves of a transposed quad against the token's transposed activations xt. */
+EK_AVX2 EK_INLINE void quad_dot_avx2(const ek_v64 *c, const int8_t *xt, const int bits, __m256i *u0, __m256i *u1) {
+    for (int h = 0; h < 2; h++) {
+        const __m256i half[4] = {c[0].h[h], c[1].h[h], c[2].h[h], c[3].h[h]};
+        *(h ? u1 : u0) = half_dot_avx2(half, xt + 32 * h, bits);
     }
 }
 
-/* A row's per-lane scales for transposed quad k (groups of 32 to 256: a permute of the quad's <= 8
- * consecutive scales; past the row's last group they are zeros) or, for groups of 16, a gather. */
+/* A row's per-lane scales for transposed quad k: groups of 32 to 256, a permute of the quad's <= 8
+ * consecutive scales; groups of 16, two permutes of its 16 and a blend (each lane's 16 codes are one group);
+ * a partial last quad of groups of 16, a gather clamped to the row's last group (past it the codes are
+ * zeros and the scales finite). */
 typedef struct {
     int shift, permuted;
+    int64_t n_groups;
     __m256i rel0, rel1, pos0, pos1, last_group;
 } quad_scales_map;
 
@@ -1089,6 +1113,7 @@ EK_AVX2 EK_INLINE quad_scales_map quad_scales_init(const ek_matrix *m, int64_t n
     quad_scales_map map;
     map.shift = __builtin_ctz((unsigned)m->group);
     map.permuted = m->group >= 32 && m->group <= 256;
+    map.n_groups = n_groups;
     /* The first code of each lane's 16 within the quad: (lane & 3) * 64 + (lane >> 2) * 16. */
     map.pos0 = _mm256_setr_epi32(0, 64, 128, 192, 16, 80, 144, 208);
     map.pos1 = _mm256_setr_epi32(32, 96, 160, 224, 48, 112, 176, 240);
@@ -1098,18 +1123,23 @@ EK_AVX2 EK_INLINE quad_scales_map quad_scales_init(const ek_matrix *m, int64_t n
     return map;
 }
 
-EK_AVX2 EK_INLINE void quad_scales_avx2(const quad_scales_map *map, const float *sc, int64_t k, __m256 *s0, __m256 *s1) {
-    if (map->permuted) {
-        const __m256 quad = _mm256_loadu_ps(sc + ((k * 256) >> map->shift));
-        *s0 = _mm256_permutevar8x32_ps(quad, map->rel0);
-        *s1 = _mm256_permutevar8x32_ps(quad, map->rel1);
-        return;
+EK_AVX2 EK_INLINE __m256 quad_scale_half_avx2(const quad_scales_map *map, const float *sc, int64_t k, int h) {
+    if (map->permuted) return _mm256_permutevar8x32_ps(_mm256_loadu_ps(sc + ((k * 256) >> map->shift)), h ? map->rel1 : map->rel0);
+    if (map->shift == 4 && 16 * k + 16 <= map->n_groups) { /* lane l: group (l & 3) * 4 + (l >> 2) + 2h */
+        const __m256i pick = h ? _mm256_setr_epi32(2, 6, 2, 6, 3, 7, 3, 7) : _mm256_setr_epi32(0, 4, 0, 4, 1, 5, 1, 5);
+        const __m256 a = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sc + 16 * k), pick);
+        const __m256 b = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sc + 16 * k + 8), pick);
+        return _mm256_blend_ps(a, b, 0xCC);
     }
     const __m256i start = _mm256_set1_epi32((int)(k * 256));
-    const __m256i g0 = _mm256_min_epi32(_mm256_srli_epi32(_mm256_add_epi32(start, map->pos0), map->shift), map->last_group);
-    const __m256i g1 = _mm256_min_epi32(_mm256_srli_epi32(_mm256_add_epi32(start, map->pos1), map->shift), map->last_group);
-    *s0 = _mm256_i32gather_ps(sc, g0, 4);
-    *s1 = _mm256_i32gather_ps(sc, g1, 4);
+    const __m256i g = _mm256_min_epi32(_mm256_srli_epi32(_mm256_add_epi32(start, h ? map->pos1 : map->pos0), map->shift),
+                                       map->last_group);
+    return _mm256_i32gather_ps(sc, g, 4);
+}
+
+EK_AVX2 EK_INLINE void quad_scales_avx2(const quad_scales_map *map, const float *sc, int64_t k, __m256 *s0, __m256 *s1) {
+    *s0 = quad_scale_half_avx2(map, sc, k, 0);
+    *s1 = quad_scale_half_avx2(map, sc, k, 1);
 }
 
 /* A token's activation scales per lane of transposed quad k (dx of the quad's 8 blocks, a partial quad's
@@ -1189,6 +1219,116 @@ EK_AVX2 EK_INLINE void rows_one_token_avx2(const simd_job *job, int64_t begin, i
     }
 }
 
+/* A few tokens (speculative verification): each half quad of a row is decoded into registers once and used
+ * at once by up to EK_AVX2_TILE_TOKENS tokens, whose accumulators stay in registers (the several-token path's
+ * decode to L1 and reload is load-bound at 2-8 tokens). Long rows go by segments of quads, a block of rows
+ * at a time, so that the tokens' activations of a segment stay in L1; the accumulators wait in memory
+ * between segments. Each (row, token) does the one-token arithmetic in the same order, so a token alone =
+ * in a few, bit for bit. */
+#define EK_AVX2_TILE_TOKENS 4
+#define EK_AVX2_TILE_ROWS 8
+#define EK_AVX2_SEGMENT_BYTES 16384 /* the tokens' activations of a segment */
+#define EK_AVX2_SEGMENT_QUADS 32
+#ifndef EK_AVX2_FEW_TOKENS
+#define EK_AVX2_FEW_TOKENS 8 /* longer batches (prefill) go by blocks of rows decoded into L1 */
+#endif
+
+/* One half quad's codes c (lane scales s) against nt tokens' activations (xt, 256 * n_quads apart) and
+ * activation scales (dq, dq_stride apart), into their accumulators a: as quad_accumulate. */
+EK_AVX2 EK_INLINE void tile_half_quad_avx2(const __m256i *c, __m256 s, const int8_t *xt, int64_t xt_stride,
+                                           const __m256 *dq, int64_t dq_stride, __m256 *a, const int nt,
+                                           const int bits) {
+#pragma GCC unroll 4
+    for (int t = 0; t < nt; t++) {
+        const __m256i u = half_dot_avx2(c, xt + t * xt_stride, bits);
+        a[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(u), _mm256_mul_ps(dq[t * dq_stride], s), a[t]);
+    }
+}
+
+/* Quads k0..k1 of a row (lane scales ls[2 * (k - k0) + h]) for nt tokens; a partial quad decodes first. */
+EK_AVX2 EK_INLINE void tile_segment_avx2(const uint8_t *q, const __m256 *ls, const int8_t *xt, const __m256 *dq,
+                                         int64_t dq_stride, int64_t n_quads, int64_t n_chunks, int64_t k0,
+                                         int64_t k1, __m256 (*acc)[2], const int nt, const int bits) {
+    const int64_t full_end = k1 < n_chunks / 4 ? k1 : n_chunks / 4, xt_stride = n_quads * 256;
+    for (int h = 0; h < 2; h++) { /* half by half: a half's codes and the tokens' accumulators fit the registers */
+        __m256 a[EK_AVX2_TILE_TOKENS];
+#pragma GCC unroll 4
+        for (int t = 0; t < nt; t++) a[t] = acc[t][h];
+        for (int64_t k = k0; k < full_end; k++) {
+            __m256i c[4];
+            decode_quad_half_avx2(q + k * 32 * bits, bits, h, c);
+            tile_half_quad_avx2(c, ls[2 * (k - k0) + h], xt + k * 256 + 32 * h, xt_stride, dq + 2 * k + h, dq_stride,
+                                a, nt, bits);
+        }
+        if (full_end < k1) { /* the partial last quad of groups of 16 */
+            ek_v64 whole[4];
+            row_quad_avx2(q, bits, full_end, n_chunks, whole);
+            const __m256i c[4] = {whole[0].h[h], whole[1].h[h], whole[2].h[h], whole[3].h[h]};
+            tile_half_quad_avx2(c, ls[2 * (full_end - k0) + h], xt + full_end * 256 + 32 * h, xt_stride,
+                                dq + 2 * full_end + h, dq_stride, a, nt, bits);
+        }
+#pragma GCC unroll 4
+        for (int t = 0; t < nt; t++) acc[t][h] = a[t];
+    }
+}
+
+EK_AVX2 EK_INLINE void rows_few_tokens_avx2(const simd_job *job, int64_t begin, int64_t end, const int bits) {
+    const ek_matrix *m = job->base.m;
+    const int64_t cols = m->cols, n_groups = cols / m->group, n_blocks = cols / 32, row_bytes = cols * bits / 8;
+    const int64_t n_chunks = cols / 64, n_quads = (n_chunks + 3) / 4, T = job->base.n_tokens;
+    const quad_scales_map map = quad_scales_init(m, n_groups);
+    const int64_t n_tq = map.permuted ? n_chunks / 4 : n_quads, n_tail = map.permuted ? n_chunks % 4 : 0;
+    const int64_t dq_stride = 2 * n_tq, group_stride = n_groups + 8, quad_bytes = 32 * bits;
+    int64_t segment = EK_AVX2_SEGMENT_BYTES / (256 * T);
+    if (segment < 2) segment = 2;
+    if (segment > EK_AVX2_SEGMENT_QUADS) segment = EK_AVX2_SEGMENT_QUADS;
+    ek_v64 tail[3];
+    float sc[EK_AVX2_TILE_ROWS * (EK_AVX2_MAX_COLS / 16 + 8)], sz[EK_AVX2_TILE_ROWS * (EK_AVX2_MAX_COLS / 16 + 8)];
+    __m256 dq[EK_AVX2_FEW_TOKENS * EK_AVX2_MAX_COLS / 128]; /* each token's activation scales per quad lane */
+    __m256 acc[EK_AVX2_TILE_ROWS][EK_AVX2_FEW_TOKENS][2], ls[2 * EK_AVX2_SEGMENT_QUADS];
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t k = 0; k < n_tq; k++)
+            quad_dx_avx2(job->base.dx + t * n_blocks, k, n_blocks, &dq[t * dq_stride + 2 * k], &dq[t * dq_stride + 2 * k + 1]);
+    for (int64_t r0 = begin; r0 < end; r0 += EK_AVX2_TILE_ROWS) {
+        const int64_t nr = end - r0 < EK_AVX2_TILE_ROWS ? end - r0 : EK_AVX2_TILE_ROWS;
+        for (int64_t i = 0; i < nr; i++) {
+            row_scales_avx2(m, r0 + i, n_groups, bits == 8 ? 128.f : 0.f, sc + i * group_stride, sz + i * group_stride);
+            for (int64_t t = 0; t < T; t++) acc[i][t][0] = acc[i][t][1] = _mm256_setzero_ps();
+        }
+        for (int64_t k0 = 0; k0 < n_tq; k0 += segment) {
+            const int64_t k1 = n_tq - k0 < segment ? n_tq : k0 + segment;
+            for (int64_t i = 0; i < nr; i++) {
+                const uint8_t *q = m->q + (r0 + i) * row_bytes;
+                /* this row's next segment, or the next block's row at the first one: a block of rows ahead */
+                const uint8_t *next = k1 < n_tq ? q + k1 * quad_bytes : q + EK_AVX2_TILE_ROWS * row_bytes;
+                for (int64_t off = 0; off < (k1 - k0) * quad_bytes; off += 64)
+                    _mm_prefetch((const char *)(next + off), _MM_HINT_T1);
+                for (int64_t k = k0; k < k1; k++)
+                    for (int h = 0; h < 2; h++) ls[2 * (k - k0) + h] = quad_scale_half_avx2(&map, sc + i * group_stride, k, h);
+                for (int64_t t0 = 0; t0 < T; t0 += EK_AVX2_TILE_TOKENS) {
+                    const int8_t *xt = job->xt + t0 * n_quads * 256;
+                    const __m256 *d = dq + t0 * dq_stride;
+                    switch (T - t0 < EK_AVX2_TILE_TOKENS ? T - t0 : EK_AVX2_TILE_TOKENS) { /* constant widths */
+                    case 1: tile_segment_avx2(q, ls, xt, d, dq_stride, n_quads, n_chunks, k0, k1, &acc[i][t0], 1, bits); break;
+                    case 2: tile_segment_avx2(q, ls, xt, d, dq_stride, n_quads, n_chunks, k0, k1, &acc[i][t0], 2, bits); break;
+                    case 3: tile_segment_avx2(q, ls, xt, d, dq_stride, n_quads, n_chunks, k0, k1, &acc[i][t0], 3, bits); break;
+                    default: tile_segment_avx2(q, ls, xt, d, dq_stride, n_quads, n_chunks, k0, k1, &acc[i][t0], 4, bits); break;
+                    }
+                }
+            }
+        }
+        for (int64_t i = 0; i < nr; i++) {
+            const uint8_t *q = m->q + (r0 + i) * row_bytes;
+            const int64_t out = job->base.out_index ? job->base.out_index[r0 + i] : r0 + i;
+            for (int64_t j = 0; j < n_tail; j++) decode_chunk_avx2(q + (4 * n_tq + j) * 8 * bits, bits, &tail[j]);
+            for (int64_t t = 0; t < T; t++)
+                job->base.y[t * job->base.out_stride + out] = row_token_result(
+                    acc[i][t][0], acc[i][t][1], tail, 4 * n_tq, n_tail, job->base.xq + t * cols, job->base.dx + t * n_blocks,
+                    sc + i * group_stride, sz + i * group_stride, job->gsum + t * n_groups, n_groups, map.shift, bits);
+        }
+    }
+}
+
 /* Several tokens: a block of rows is decoded once (codes, per-lane scales, s * z per group) into buffers
  * that stay in L1 with a block of tokens' activations, and every (row, token) of the two blocks runs from
  * there. Each (row, token) does the one-token arithmetic in the same order, so a token alone = in a
@@ -1245,7 +1385,8 @@ EK_AVX2 EK_INLINE void rows_tokens_avx2(const simd_job *job, int64_t begin, int6
                     }
                     job->base.y[t * job->base.out_stride + out] = row_token_result(
                         acc0, acc1, &c[4 * n_tq], 4 * n_tq, n_tail, job->base.xq + t * cols, job->base.dx + t * n_blocks,
-                        sc + i * group_stride, sz + i * group_stride, job->gsum + t * n_groups, n_groups, map.shift, bits);
+                        sc + i * group_stride, sz + i * group_stride, job->gsum + t * n_groups,
+                        n_groups, map.shift, bits);
                 }
             }
         }
@@ -1254,6 +1395,7 @@ EK_AVX2 EK_INLINE void rows_tokens_avx2(const simd_job *job, int64_t begin, int6
 
 EK_AVX2 EK_INLINE void rows_avx2(const simd_job *job, int64_t begin, int64_t end, const int bits) {
     if (job->base.n_tokens == 1) rows_one_token_avx2(job, begin, end, bits);
+    else if (job->base.n_tokens <= EK_AVX2_FEW_TOKENS) rows_few_tokens_avx2(job, begin, end, bits);
     else rows_tokens_avx2(job, begin, end, bits);
 }
 
