@@ -956,18 +956,6 @@ EK_AVX2 EK_INLINE void row_quad_avx2(const uint8_t *q, const int bits, int64_t k
     transpose_quad_avx2(c);
 }
 
-/* Half h of quad k of a row (as row_quad_avx2). */
-EK_AVX2 EK_INLINE void row_quad_half_avx2(const uint8_t *q, const int bits, int64_t k, int64_t n_chunks, int h,
-                                          __m256i *c) {
-    if (4 * k + 4 <= n_chunks) {
-        decode_quad_half_avx2(q + k * 32 * bits, bits, h, c);
-        return;
-    }
-    ek_v64 whole[4];
-    row_quad_avx2(q, bits, k, n_chunks, whole);
-    for (int j = 0; j < 4; j++) c[j] = whole[j].h[h];
-}
-
 /* xq [T][cols] -> xt [T][n_quads * 256], each quad transposed as the codes are (zeros past the row): for the
  * AVX-512 path as well (every AVX-512 CPU has AVX2; it runs once per call). */
 EK_AVX2 static void quad_transpose_act(const int8_t *xq, int64_t n_tokens, int64_t cols, int8_t *xt) {
