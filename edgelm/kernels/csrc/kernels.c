@@ -1059,6 +1059,29 @@ EK_AVX2 EK_INLINE float zero_term_avx2(const float *sz, const float *gsum, int64
     return sum8(acc);
 }
 
+/* zero_term_avx2 for nt <= 4 tokens (gsum rows gsum_stride apart) at once, each formed exactly as there:
+ * the row's s * z are loaded once for all of them. */
+EK_AVX2 EK_INLINE void zero_terms_avx2(const float *sz, const float *gsum, int64_t gsum_stride, int64_t n_groups,
+                                       float *out, const int nt) {
+    __m256 acc[4];
+#pragma GCC unroll 4
+    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= n_groups; g += 8) {
+        const __m256 s = _mm256_loadu_ps(sz + g);
+#pragma GCC unroll 4
+        for (int t = 0; t < nt; t++) acc[t] = _mm256_fmadd_ps(s, _mm256_loadu_ps(gsum + t * gsum_stride + g), acc[t]);
+    }
+    if (g < n_groups) {
+        const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n_groups - g)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        const __m256 s = _mm256_maskload_ps(sz + g, live);
+#pragma GCC unroll 4
+        for (int t = 0; t < nt; t++) acc[t] = _mm256_fmadd_ps(s, _mm256_maskload_ps(gsum + t * gsum_stride + g, live), acc[t]);
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < nt; t++) out[t] = sum8(acc[t]);
+}
+
 /* Per dword lane, the integer dot product of half a transposed quad (4 vectors) with the token's transposed
  * activations (from x, 64 bytes apart). vpmaddubsw's int16 pair sums of several vectors are added before the
  * one vpmaddwd while they cannot overflow (|pair| <= 2 * (2^bits - 1) * 127: four of them up to 5 bits, two
@@ -1163,14 +1186,22 @@ EK_AVX2 EK_INLINE void tail_accumulate(const ek_v64 *c, int64_t first_chunk, int
     }
 }
 
-/* One (row, token)'s result from its quad accumulators: the tail chunks, the lanes summed, less the zero
- * points' term. Both the one-token and the several-token paths end here, which keeps them bit-identical. */
+/* One (row, token)'s lane sum from its quad accumulators, the tail chunks included. */
+EK_AVX2 EK_INLINE float row_token_sum(__m256 acc0, __m256 acc1, const ek_v64 *tail, int64_t first_chunk,
+                                      int64_t n_tail, const int8_t *xq, const float *dx, const float *sc, int shift,
+                                      const int bits) {
+    tail_accumulate(tail, first_chunk, n_tail, xq, dx, sc, shift, bits, &acc0, &acc1);
+    return sum8(_mm256_add_ps(acc0, acc1));
+}
+
+/* One (row, token)'s result: its lane sum less the zero points' term. Every path ends with these two
+ * sums, formed the same way, which keeps them bit-identical. */
 EK_AVX2 EK_INLINE float row_token_result(__m256 acc0, __m256 acc1, const ek_v64 *tail, int64_t first_chunk,
                                          int64_t n_tail, const int8_t *xq, const float *dx, const float *sc,
                                          const float *sz, const float *gsum, int64_t n_groups, int shift,
                                          const int bits) {
-    tail_accumulate(tail, first_chunk, n_tail, xq, dx, sc, shift, bits, &acc0, &acc1);
-    return sum8(_mm256_add_ps(acc0, acc1)) - zero_term_avx2(sz, gsum, n_groups);
+    return row_token_sum(acc0, acc1, tail, first_chunk, n_tail, xq, dx, sc, shift, bits) -
+           zero_term_avx2(sz, gsum, n_groups);
 }
 
 /* One token (decoding): each quad decoded into registers and used at once. */
@@ -1305,14 +1336,25 @@ EK_AVX2 EK_INLINE void rows_few_tokens_avx2(const simd_job *job, int64_t begin, 
                 }
             }
         }
-        for (int64_t i = 0; i < nr; i++) {
+        for (int64_t i = 0; i < nr; i++) { /* as row_token_result, the tokens' zero-point terms together */
             const uint8_t *q = m->q + (r0 + i) * row_bytes;
             const int64_t out = job->base.out_index ? job->base.out_index[r0 + i] : r0 + i;
+            const float *rsz = sz + i * group_stride;
+            float zero[EK_AVX2_FEW_TOKENS];
+            for (int64_t t0 = 0; t0 < T; t0 += EK_AVX2_TILE_TOKENS) {
+                const float *g = job->gsum + t0 * n_groups;
+                switch (T - t0 < EK_AVX2_TILE_TOKENS ? T - t0 : EK_AVX2_TILE_TOKENS) {
+                case 1: zero_terms_avx2(rsz, g, n_groups, n_groups, zero + t0, 1); break;
+                case 2: zero_terms_avx2(rsz, g, n_groups, n_groups, zero + t0, 2); break;
+                case 3: zero_terms_avx2(rsz, g, n_groups, n_groups, zero + t0, 3); break;
+                default: zero_terms_avx2(rsz, g, n_groups, n_groups, zero + t0, 4); break;
+                }
+            }
             for (int64_t j = 0; j < n_tail; j++) decode_chunk_avx2(q + (4 * n_tq + j) * 8 * bits, bits, &tail[j]);
             for (int64_t t = 0; t < T; t++)
-                job->base.y[t * job->base.out_stride + out] = row_token_result(
-                    acc[i][t][0], acc[i][t][1], tail, 4 * n_tq, n_tail, job->base.xq + t * cols, job->base.dx + t * n_blocks,
-                    sc + i * group_stride, sz + i * group_stride, job->gsum + t * n_groups, n_groups, map.shift, bits);
+                job->base.y[t * job->base.out_stride + out] =
+                    row_token_sum(acc[i][t][0], acc[i][t][1], tail, 4 * n_tq, n_tail, job->base.xq + t * cols,
+                                  job->base.dx + t * n_blocks, sc + i * group_stride, map.shift, bits) - zero[t];
         }
     }
 }
