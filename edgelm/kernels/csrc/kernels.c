@@ -1046,21 +1046,10 @@ EK_AVX2 EK_INLINE float sum8(__m256 v) { /* halves, then pairs, then the last tw
     return _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
 }
 
-/* sum_g s_g z_g * (the token's activation sum over group g): the zero points' share of the dot product,
- * 8 groups at a time, the last few masked. */
-EK_AVX2 EK_INLINE float zero_term_avx2(const float *sz, const float *gsum, int64_t n_groups) {
-    __m256 acc = _mm256_setzero_ps();
-    int64_t g = 0;
-    for (; g + 8 <= n_groups; g += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(sz + g), _mm256_loadu_ps(gsum + g), acc);
-    if (g < n_groups) {
-        const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n_groups - g)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        acc = _mm256_fmadd_ps(_mm256_maskload_ps(sz + g, live), _mm256_maskload_ps(gsum + g, live), acc);
-    }
-    return sum8(acc);
-}
 
-/* zero_term_avx2 for nt <= 4 tokens (gsum rows gsum_stride apart) at once, each formed exactly as there:
- * the row's s * z are loaded once for all of them. */
+/* sum_g s_g z_g * (a token's activation sum over group g): the zero points' share of the dot product, 8
+ * groups at a time, the last few masked; for nt <= 4 tokens (gsum rows gsum_stride apart) at once, the row's
+ * s * z loaded once for all of them, each token's sum formed as when alone. */
 EK_AVX2 EK_INLINE void zero_terms_avx2(const float *sz, const float *gsum, int64_t gsum_stride, int64_t n_groups,
                                        float *out, const int nt) {
     __m256 acc[4];
@@ -1080,6 +1069,12 @@ EK_AVX2 EK_INLINE void zero_terms_avx2(const float *sz, const float *gsum, int64
     }
 #pragma GCC unroll 4
     for (int t = 0; t < nt; t++) out[t] = sum8(acc[t]);
+}
+
+EK_AVX2 EK_INLINE float zero_term_avx2(const float *sz, const float *gsum, int64_t n_groups) {
+    float out;
+    zero_terms_avx2(sz, gsum, 0, n_groups, &out, 1);
+    return out;
 }
 
 /* Per dword lane, the integer dot product of half a transposed quad (4 vectors) with the token's transposed
