@@ -1241,7 +1241,9 @@ EK_AVX2 EK_INLINE void rows_one_token_avx2(const simd_job *job, int64_t begin, i
  * in a few, bit for bit. */
 #define EK_AVX2_TILE_TOKENS 4
 #define EK_AVX2_TILE_ROWS 8
-#define EK_AVX2_SEGMENT_BYTES 16384 /* the tokens' activations of a segment */
+#ifndef EK_AVX2_SEGMENT_BYTES
+#define EK_AVX2_SEGMENT_BYTES 8192 /* the tokens' activations of a segment: 8 KB beat 4 and 16 with rows from DRAM */
+#endif
 #define EK_AVX2_SEGMENT_QUADS 32
 #ifndef EK_AVX2_FEW_TOKENS
 #define EK_AVX2_FEW_TOKENS 8 /* longer batches (prefill) go by blocks of rows decoded into L1 */
@@ -1313,9 +1315,10 @@ EK_AVX2 EK_INLINE void rows_few_tokens_avx2(const simd_job *job, int64_t begin, 
             const int64_t k1 = n_tq - k0 < segment ? n_tq : k0 + segment;
             for (int64_t i = 0; i < nr; i++) {
                 const uint8_t *q = m->q + (r0 + i) * row_bytes;
-                /* this row's next segment, or the next block's row at the first one: a block of rows ahead */
+                /* this row's next segment, or the next block's row's first one: a block of rows ahead */
                 const uint8_t *next = k1 < n_tq ? q + k1 * quad_bytes : q + EK_AVX2_TILE_ROWS * row_bytes;
-                for (int64_t off = 0; off < (k1 - k0) * quad_bytes; off += 64)
+                const int64_t left = k1 < n_tq ? n_tq - k1 : n_tq, next_quads = left < segment ? left : segment;
+                for (int64_t off = 0; off < next_quads * quad_bytes; off += 64)
                     _mm_prefetch((const char *)(next + off), _MM_HINT_T1);
                 for (int64_t k = k0; k < k1; k++)
                     for (int h = 0; h < 2; h++) ls[2 * (k - k0) + h] = quad_scale_half_avx2(&map, sc + i * group_stride, k, h);
