@@ -1129,6 +1129,28 @@ EK_AVX2 EK_INLINE quad_scales_map quad_scales_init(const ek_matrix *m, int64_t n
     return map;
 }
 
+/* A matrix's rows as the AVX2 row functions walk them: transposed quads (all of them; with groups of 32 to
+ * 256 only the full ones, a partial last quad's chunks then read in natural order), and the map from a
+ * quad's lanes to the row's scales. */
+typedef struct {
+    int64_t cols, n_groups, n_blocks, row_bytes, n_chunks, n_quads, n_tq, n_tail;
+    quad_scales_map map;
+} row_layout;
+
+EK_AVX2 EK_INLINE row_layout row_layout_init(const ek_matrix *m, const int bits) {
+    row_layout l;
+    l.cols = m->cols;
+    l.n_groups = m->cols / m->group;
+    l.n_blocks = m->cols / 32;
+    l.row_bytes = m->cols * bits / 8;
+    l.n_chunks = m->cols / 64;
+    l.n_quads = (l.n_chunks + 3) / 4;
+    l.map = quad_scales_init(m, l.n_groups);
+    l.n_tq = l.map.permuted ? l.n_chunks / 4 : l.n_quads;
+    l.n_tail = l.map.permuted ? l.n_chunks % 4 : 0;
+    return l;
+}
+
 EK_AVX2 EK_INLINE __m256 quad_scale_half_avx2(const quad_scales_map *map, const float *sc, int64_t k, int h) {
     if (map->permuted) return _mm256_permutevar8x32_ps(_mm256_loadu_ps(sc + ((k * 256) >> map->shift)), h ? map->rel1 : map->rel0);
     if (map->shift == 4 && 16 * k + 16 <= map->n_groups) { /* lane l: group (l & 3) * 4 + (l >> 2) + 2h */
@@ -1202,34 +1224,30 @@ EK_AVX2 EK_INLINE float row_token_result(__m256 acc0, __m256 acc1, const ek_v64 
 /* One token (decoding): each quad decoded into registers and used at once. */
 EK_AVX2 EK_INLINE void rows_one_token_avx2(const simd_job *job, int64_t begin, int64_t end, const int bits) {
     const ek_matrix *m = job->base.m;
-    const int64_t cols = m->cols, n_groups = cols / m->group, n_blocks = cols / 32, row_bytes = cols * bits / 8;
-    const int64_t n_chunks = cols / 64;
-    const quad_scales_map map = quad_scales_init(m, n_groups);
-    /* Transposed quads: all of them, or (natural tail) the full ones, the rest chunk by chunk. */
-    const int64_t n_tq = map.permuted ? n_chunks / 4 : (n_chunks + 3) / 4, n_tail = map.permuted ? n_chunks % 4 : 0;
+    const row_layout L = row_layout_init(m, bits);
     ek_v64 tail[3];
     float sc[EK_AVX2_MAX_COLS / 16 + 8], sz[EK_AVX2_MAX_COLS / 16 + 8];
     __m256 dq[EK_AVX2_MAX_COLS / 128]; /* the token's activation scales per quad lane */
-    for (int64_t k = 0; k < n_tq; k++) quad_dx_avx2(job->base.dx, k, n_blocks, &dq[2 * k], &dq[2 * k + 1]);
+    for (int64_t k = 0; k < L.n_tq; k++) quad_dx_avx2(job->base.dx, k, L.n_blocks, &dq[2 * k], &dq[2 * k + 1]);
     for (int64_t r = begin; r < end; r++) {
-        const uint8_t *q = m->q + r * row_bytes;
-        for (int64_t off = 0; off < row_bytes; off += 64)
+        const uint8_t *q = m->q + r * L.row_bytes;
+        for (int64_t off = 0; off < L.row_bytes; off += 64)
             _mm_prefetch((const char *)(q + EK_PREFETCH_BYTES + off), _MM_HINT_T1);
-        row_scales_avx2(m, r, n_groups, bits == 8 ? 128.f : 0.f, sc, sz);
+        row_scales_avx2(m, r, L.n_groups, bits == 8 ? 128.f : 0.f, sc, sz);
         __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-        for (int64_t k = 0; k < n_tq; k++) {
+        for (int64_t k = 0; k < L.n_tq; k++) {
             ek_v64 c[4];
             __m256i u0, u1;
             __m256 s0, s1;
-            row_quad_avx2(q, bits, k, n_chunks, c);
+            row_quad_avx2(q, bits, k, L.n_chunks, c);
             quad_dot_avx2(c, job->xt + k * 256, bits, &u0, &u1);
-            quad_scales_avx2(&map, sc, k, &s0, &s1);
+            quad_scales_avx2(&L.map, sc, k, &s0, &s1);
             quad_accumulate(u0, u1, s0, s1, dq[2 * k], dq[2 * k + 1], &acc0, &acc1);
         }
-        for (int64_t i = 0; i < n_tail; i++) decode_chunk_avx2(q + (4 * n_tq + i) * 8 * bits, bits, &tail[i]);
+        for (int64_t i = 0; i < L.n_tail; i++) decode_chunk_avx2(q + (4 * L.n_tq + i) * 8 * bits, bits, &tail[i]);
         job->base.y[job->base.out_index ? job->base.out_index[r] : r] =
-            row_token_result(acc0, acc1, tail, 4 * n_tq, n_tail, job->base.xq, job->base.dx, sc, sz, job->gsum,
-                             n_groups, map.shift, bits);
+            row_token_result(acc0, acc1, tail, 4 * L.n_tq, L.n_tail, job->base.xq, job->base.dx, sc, sz, job->gsum,
+                             L.n_groups, L.map.shift, bits);
     }
 }
 
@@ -1290,11 +1308,9 @@ EK_AVX2 EK_INLINE void tile_segment_avx2(const uint8_t *q, const __m256 *ls, con
 
 EK_AVX2 EK_INLINE void rows_few_tokens_avx2(const simd_job *job, int64_t begin, int64_t end, const int bits) {
     const ek_matrix *m = job->base.m;
-    const int64_t cols = m->cols, n_groups = cols / m->group, n_blocks = cols / 32, row_bytes = cols * bits / 8;
-    const int64_t n_chunks = cols / 64, n_quads = (n_chunks + 3) / 4, T = job->base.n_tokens;
-    const quad_scales_map map = quad_scales_init(m, n_groups);
-    const int64_t n_tq = map.permuted ? n_chunks / 4 : n_quads, n_tail = map.permuted ? n_chunks % 4 : 0;
-    const int64_t dq_stride = 2 * n_tq, group_stride = n_groups + 8, quad_bytes = 32 * bits;
+    const row_layout L = row_layout_init(m, bits);
+    const int64_t T = job->base.n_tokens;
+    const int64_t dq_stride = 2 * L.n_tq, group_stride = L.n_groups + 8, quad_bytes = 32 * bits;
     int64_t segment = EK_AVX2_SEGMENT_BYTES / (256 * T);
     if (segment < 2) segment = 2;
     if (segment > EK_AVX2_SEGMENT_QUADS) segment = EK_AVX2_SEGMENT_QUADS;
@@ -1303,56 +1319,56 @@ EK_AVX2 EK_INLINE void rows_few_tokens_avx2(const simd_job *job, int64_t begin, 
     __m256 dq[EK_AVX2_FEW_TOKENS * EK_AVX2_MAX_COLS / 128]; /* each token's activation scales per quad lane */
     __m256 acc[EK_AVX2_TILE_ROWS][EK_AVX2_FEW_TOKENS][2], ls[2 * EK_AVX2_SEGMENT_QUADS];
     for (int64_t t = 0; t < T; t++)
-        for (int64_t k = 0; k < n_tq; k++)
-            quad_dx_avx2(job->base.dx + t * n_blocks, k, n_blocks, &dq[t * dq_stride + 2 * k], &dq[t * dq_stride + 2 * k + 1]);
+        for (int64_t k = 0; k < L.n_tq; k++)
+            quad_dx_avx2(job->base.dx + t * L.n_blocks, k, L.n_blocks, &dq[t * dq_stride + 2 * k], &dq[t * dq_stride + 2 * k + 1]);
     for (int64_t r0 = begin; r0 < end; r0 += EK_AVX2_TILE_ROWS) {
         const int64_t nr = end - r0 < EK_AVX2_TILE_ROWS ? end - r0 : EK_AVX2_TILE_ROWS;
         for (int64_t i = 0; i < nr; i++) {
-            row_scales_avx2(m, r0 + i, n_groups, bits == 8 ? 128.f : 0.f, sc + i * group_stride, sz + i * group_stride);
+            row_scales_avx2(m, r0 + i, L.n_groups, bits == 8 ? 128.f : 0.f, sc + i * group_stride, sz + i * group_stride);
             for (int64_t t = 0; t < T; t++) acc[i][t][0] = acc[i][t][1] = _mm256_setzero_ps();
         }
-        for (int64_t k0 = 0; k0 < n_tq; k0 += segment) {
-            const int64_t k1 = n_tq - k0 < segment ? n_tq : k0 + segment;
+        for (int64_t k0 = 0; k0 < L.n_tq; k0 += segment) {
+            const int64_t k1 = L.n_tq - k0 < segment ? L.n_tq : k0 + segment;
             for (int64_t i = 0; i < nr; i++) {
-                const uint8_t *q = m->q + (r0 + i) * row_bytes;
+                const uint8_t *q = m->q + (r0 + i) * L.row_bytes;
                 /* this row's next segment, or the next block's row's first one: a block of rows ahead */
-                const uint8_t *next = k1 < n_tq ? q + k1 * quad_bytes : q + EK_AVX2_TILE_ROWS * row_bytes;
-                const int64_t left = k1 < n_tq ? n_tq - k1 : n_tq, next_quads = left < segment ? left : segment;
+                const uint8_t *next = k1 < L.n_tq ? q + k1 * quad_bytes : q + EK_AVX2_TILE_ROWS * L.row_bytes;
+                const int64_t left = k1 < L.n_tq ? L.n_tq - k1 : L.n_tq, next_quads = left < segment ? left : segment;
                 for (int64_t off = 0; off < next_quads * quad_bytes; off += 64)
                     _mm_prefetch((const char *)(next + off), _MM_HINT_T1);
                 for (int64_t k = k0; k < k1; k++)
-                    for (int h = 0; h < 2; h++) ls[2 * (k - k0) + h] = quad_scale_half_avx2(&map, sc + i * group_stride, k, h);
+                    for (int h = 0; h < 2; h++) ls[2 * (k - k0) + h] = quad_scale_half_avx2(&L.map, sc + i * group_stride, k, h);
                 for (int64_t t0 = 0; t0 < T; t0 += EK_AVX2_TILE_TOKENS) {
-                    const int8_t *xt = job->xt + t0 * n_quads * 256;
+                    const int8_t *xt = job->xt + t0 * L.n_quads * 256;
                     const __m256 *d = dq + t0 * dq_stride;
                     switch (T - t0 < EK_AVX2_TILE_TOKENS ? T - t0 : EK_AVX2_TILE_TOKENS) { /* constant widths */
-                    case 1: tile_segment_avx2(q, ls, xt, d, dq_stride, n_quads, n_chunks, k0, k1, &acc[i][t0], 1, bits); break;
-                    case 2: tile_segment_avx2(q, ls, xt, d, dq_stride, n_quads, n_chunks, k0, k1, &acc[i][t0], 2, bits); break;
-                    case 3: tile_segment_avx2(q, ls, xt, d, dq_stride, n_quads, n_chunks, k0, k1, &acc[i][t0], 3, bits); break;
-                    default: tile_segment_avx2(q, ls, xt, d, dq_stride, n_quads, n_chunks, k0, k1, &acc[i][t0], 4, bits); break;
+                    case 1: tile_segment_avx2(q, ls, xt, d, dq_stride, L.n_quads, L.n_chunks, k0, k1, &acc[i][t0], 1, bits); break;
+                    case 2: tile_segment_avx2(q, ls, xt, d, dq_stride, L.n_quads, L.n_chunks, k0, k1, &acc[i][t0], 2, bits); break;
+                    case 3: tile_segment_avx2(q, ls, xt, d, dq_stride, L.n_quads, L.n_chunks, k0, k1, &acc[i][t0], 3, bits); break;
+                    default: tile_segment_avx2(q, ls, xt, d, dq_stride, L.n_quads, L.n_chunks, k0, k1, &acc[i][t0], 4, bits); break;
                     }
                 }
             }
         }
         for (int64_t i = 0; i < nr; i++) { /* as row_token_result, the tokens' zero-point terms together */
-            const uint8_t *q = m->q + (r0 + i) * row_bytes;
+            const uint8_t *q = m->q + (r0 + i) * L.row_bytes;
             const int64_t out = job->base.out_index ? job->base.out_index[r0 + i] : r0 + i;
             const float *rsz = sz + i * group_stride;
             float zero[EK_AVX2_FEW_TOKENS];
             for (int64_t t0 = 0; t0 < T; t0 += EK_AVX2_TILE_TOKENS) {
-                const float *g = job->gsum + t0 * n_groups;
+                const float *g = job->gsum + t0 * L.n_groups;
                 switch (T - t0 < EK_AVX2_TILE_TOKENS ? T - t0 : EK_AVX2_TILE_TOKENS) {
-                case 1: zero_terms_avx2(rsz, g, n_groups, n_groups, zero + t0, 1); break;
-                case 2: zero_terms_avx2(rsz, g, n_groups, n_groups, zero + t0, 2); break;
-                case 3: zero_terms_avx2(rsz, g, n_groups, n_groups, zero + t0, 3); break;
-                default: zero_terms_avx2(rsz, g, n_groups, n_groups, zero + t0, 4); break;
+                case 1: zero_terms_avx2(rsz, g, L.n_groups, L.n_groups, zero + t0, 1); break;
+                case 2: zero_terms_avx2(rsz, g, L.n_groups, L.n_groups, zero + t0, 2); break;
+                case 3: zero_terms_avx2(rsz, g, L.n_groups, L.n_groups, zero + t0, 3); break;
+                default: zero_terms_avx2(rsz, g, L.n_groups, L.n_groups, zero + t0, 4); break;
                 }
             }
-            for (int64_t j = 0; j < n_tail; j++) decode_chunk_avx2(q + (4 * n_tq + j) * 8 * bits, bits, &tail[j]);
+            for (int64_t j = 0; j < L.n_tail; j++) decode_chunk_avx2(q + (4 * L.n_tq + j) * 8 * bits, bits, &tail[j]);
             for (int64_t t = 0; t < T; t++)
                 job->base.y[t * job->base.out_stride + out] =
-                    row_token_sum(acc[i][t][0], acc[i][t][1], tail, 4 * n_tq, n_tail, job->base.xq + t * cols,
-                                  job->base.dx + t * n_blocks, sc + i * group_stride, map.shift, bits) - zero[t];
+                    row_token_sum(acc[i][t][0], acc[i][t][1], tail, 4 * L.n_tq, L.n_tail, job->base.xq + t * L.cols,
+                                  job->base.dx + t * L.n_blocks, sc + i * group_stride, L.map.shift, bits) - zero[t];
         }
     }
 }
@@ -1366,16 +1382,14 @@ EK_AVX2 EK_INLINE void rows_few_tokens_avx2(const simd_job *job, int64_t begin, 
 #define EK_AVX2_GROUP_FLOATS 2048  /* 8 KB of scales per group; as much for s * z */
 EK_AVX2 EK_INLINE void rows_tokens_avx2(const simd_job *job, int64_t begin, int64_t end, const int bits) {
     const ek_matrix *m = job->base.m;
-    const int64_t cols = m->cols, n_groups = cols / m->group, n_blocks = cols / 32, row_bytes = cols * bits / 8;
-    const int64_t n_chunks = cols / 64, n_quads = (n_chunks + 3) / 4, T = job->base.n_tokens;
-    const quad_scales_map map = quad_scales_init(m, n_groups);
-    const int64_t n_tq = map.permuted ? n_chunks / 4 : n_quads, n_tail = map.permuted ? n_chunks % 4 : 0;
-    const int64_t row_vectors = 4 * n_tq + n_tail, group_stride = n_groups + 8;
+    const row_layout L = row_layout_init(m, bits);
+    const int64_t T = job->base.n_tokens;
+    const int64_t row_vectors = 4 * L.n_tq + L.n_tail, group_stride = L.n_groups + 8;
     int64_t block_rows = EK_AVX2_CODE_VECTORS / row_vectors;
-    if (block_rows > EK_AVX2_SCALE_VECTORS / (2 * n_tq + 1)) block_rows = EK_AVX2_SCALE_VECTORS / (2 * n_tq + 1);
+    if (block_rows > EK_AVX2_SCALE_VECTORS / (2 * L.n_tq + 1)) block_rows = EK_AVX2_SCALE_VECTORS / (2 * L.n_tq + 1);
     if (block_rows > EK_AVX2_GROUP_FLOATS / group_stride) block_rows = EK_AVX2_GROUP_FLOATS / group_stride;
     if (block_rows > 8) block_rows = 8;
-    int64_t block_tokens = EK_AVX2_SCALE_VECTORS / (2 * n_tq + 1);
+    int64_t block_tokens = EK_AVX2_SCALE_VECTORS / (2 * L.n_tq + 1);
     if (block_tokens > 8) block_tokens = 8;
     ek_v64 codes[EK_AVX2_CODE_VECTORS];
     __m256 scales[EK_AVX2_SCALE_VECTORS], dq[EK_AVX2_SCALE_VECTORS];
@@ -1383,38 +1397,38 @@ EK_AVX2 EK_INLINE void rows_tokens_avx2(const simd_job *job, int64_t begin, int6
     for (int64_t r0 = begin; r0 < end; r0 += block_rows) {
         const int64_t nr = end - r0 < block_rows ? end - r0 : block_rows;
         for (int64_t i = 0; i < nr; i++) {
-            const uint8_t *q = m->q + (r0 + i) * row_bytes;
+            const uint8_t *q = m->q + (r0 + i) * L.row_bytes;
             ek_v64 *c = codes + i * row_vectors;
             float *rsc = sc + i * group_stride;
-            row_scales_avx2(m, r0 + i, n_groups, bits == 8 ? 128.f : 0.f, rsc, sz + i * group_stride);
-            for (int64_t k = 0; k < n_tq; k++) {
-                row_quad_avx2(q, bits, k, n_chunks, &c[4 * k]);
-                quad_scales_avx2(&map, rsc, k, &scales[i * 2 * n_tq + 2 * k], &scales[i * 2 * n_tq + 2 * k + 1]);
+            row_scales_avx2(m, r0 + i, L.n_groups, bits == 8 ? 128.f : 0.f, rsc, sz + i * group_stride);
+            for (int64_t k = 0; k < L.n_tq; k++) {
+                row_quad_avx2(q, bits, k, L.n_chunks, &c[4 * k]);
+                quad_scales_avx2(&L.map, rsc, k, &scales[i * 2 * L.n_tq + 2 * k], &scales[i * 2 * L.n_tq + 2 * k + 1]);
             }
-            for (int64_t j = 0; j < n_tail; j++) decode_chunk_avx2(q + (4 * n_tq + j) * 8 * bits, bits, &c[4 * n_tq + j]);
+            for (int64_t j = 0; j < L.n_tail; j++) decode_chunk_avx2(q + (4 * L.n_tq + j) * 8 * bits, bits, &c[4 * L.n_tq + j]);
         }
         for (int64_t t0 = 0; t0 < T; t0 += block_tokens) {
             const int64_t nt = T - t0 < block_tokens ? T - t0 : block_tokens;
             for (int64_t t = 0; t < nt; t++)
-                for (int64_t k = 0; k < n_tq; k++)
-                    quad_dx_avx2(job->base.dx + (t0 + t) * n_blocks, k, n_blocks, &dq[t * 2 * n_tq + 2 * k],
-                                 &dq[t * 2 * n_tq + 2 * k + 1]);
+                for (int64_t k = 0; k < L.n_tq; k++)
+                    quad_dx_avx2(job->base.dx + (t0 + t) * L.n_blocks, k, L.n_blocks, &dq[t * 2 * L.n_tq + 2 * k],
+                                 &dq[t * 2 * L.n_tq + 2 * k + 1]);
             for (int64_t i = 0; i < nr; i++) {
                 const ek_v64 *c = codes + i * row_vectors;
-                const __m256 *s = scales + i * 2 * n_tq;
+                const __m256 *s = scales + i * 2 * L.n_tq;
                 const int64_t out = job->base.out_index ? job->base.out_index[r0 + i] : r0 + i;
                 for (int64_t t = t0; t < t0 + nt; t++) {
-                    const __m256 *d = dq + (t - t0) * 2 * n_tq;
+                    const __m256 *d = dq + (t - t0) * 2 * L.n_tq;
                     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-                    for (int64_t k = 0; k < n_tq; k++) {
+                    for (int64_t k = 0; k < L.n_tq; k++) {
                         __m256i u0, u1;
-                        quad_dot_avx2(&c[4 * k], job->xt + (t * n_quads + k) * 256, bits, &u0, &u1);
+                        quad_dot_avx2(&c[4 * k], job->xt + (t * L.n_quads + k) * 256, bits, &u0, &u1);
                         quad_accumulate(u0, u1, s[2 * k], s[2 * k + 1], d[2 * k], d[2 * k + 1], &acc0, &acc1);
                     }
                     job->base.y[t * job->base.out_stride + out] = row_token_result(
-                        acc0, acc1, &c[4 * n_tq], 4 * n_tq, n_tail, job->base.xq + t * cols, job->base.dx + t * n_blocks,
-                        sc + i * group_stride, sz + i * group_stride, job->gsum + t * n_groups,
-                        n_groups, map.shift, bits);
+                        acc0, acc1, &c[4 * L.n_tq], 4 * L.n_tq, L.n_tail, job->base.xq + t * L.cols, job->base.dx + t * L.n_blocks,
+                        sc + i * group_stride, sz + i * group_stride, job->gsum + t * L.n_groups,
+                        L.n_groups, L.map.shift, bits);
                 }
             }
         }
