@@ -67,6 +67,8 @@ def test_greedy_output_is_the_targets_own(pair, num_draft, draft_vocab, packed, 
     assert (restricted.calls > 0) == bool(draft_vocab)  # the restricted draft vocabulary ran, or not at all
     assert spec.rounds > 0 and spec.drafted >= spec.accepted >= 0
     assert 0.0 <= spec.acceptance <= 1.0
+    assert spec.draft_seconds > 0 and spec.verify_seconds > 0  # every round both proposes and verifies
+    assert spec.draft_ms_per_round == pytest.approx(1000 * spec.draft_seconds / spec.rounds)
 
 
 def test_a_draft_that_is_the_target_is_always_accepted(pair):
@@ -180,7 +182,7 @@ def test_cli_draft_gives_the_same_greedy_text_and_reports_acceptance(pair, tmp_p
     spec = run_cli(*common, "--draft", str(pair[1]), "--num-draft", "3", "-v")
     assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
     assert spec.stdout == plain.stdout
-    assert "draft tokens accepted" in spec.stderr
+    assert "draft tokens accepted" in spec.stderr and "ms + verification" in spec.stderr
     other = write_tiny_model(tmp_path / "gemma.gguf", TinyConfig(arch="gemma3"))
     bad = run_cli(*common, "--draft", str(other))
     assert bad.returncode != 0 and "vocabulary" in bad.stderr and "Traceback" not in bad.stderr

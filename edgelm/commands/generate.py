@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
               f"{s.first_token_seconds * 1000:.0f} ms | finish: {last.finish_reason}", file=sys.stderr)
         if spec is not None:
             print(f"speculative: {spec.accepted}/{spec.drafted} draft tokens accepted "
-                  f"({spec.acceptance:.0%}), {spec.mean_accepted:.2f} per round of {args.num_draft}",
+                  f"({spec.acceptance:.0%}), {spec.mean_accepted:.2f} per round of {args.num_draft}; per round "
+                  f"draft {spec.draft_ms_per_round:.0f} ms + verification {spec.verify_ms_per_round:.0f} ms",
                   file=sys.stderr)
     return 0
 

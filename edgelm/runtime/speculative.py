@@ -54,6 +54,16 @@ class SpeculativeStats:
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
+    draft_seconds: float = 0.0  # proposing (the draft's steps and its sampling)
+    verify_seconds: float = 0.0  # the target's batched steps over each round's drafts
+
+    @property
+    def draft_ms_per_round(self) -> float:
+        return 1000 * self.draft_seconds / self.rounds if self.rounds else 0.0
+
+    @property
+    def verify_ms_per_round(self) -> float:
+        return 1000 * self.verify_seconds / self.rounds if self.rounds else 0.0
 
     @property
     def acceptance(self) -> float:
@@ -123,9 +133,13 @@ def speculative_generate_step(target: Model, draft: Model, prompt: Sequence[int]
                 stats.generation_tokens += 1
                 yield token
                 continue
+            round_start = time.perf_counter()
             drafts, draft_probs = proposer.propose(draft_pending + [token], pos - len(draft_pending), k)
+            drafted_at = time.perf_counter()
             # The target scores `token` and every draft in one batch: logits for k + 1 next positions.
             target_logits = decode_steps(target, [token, *drafts], pos)
+            spec.draft_seconds += drafted_at - round_start
+            spec.verify_seconds += time.perf_counter() - drafted_at
             emitted = _accept(sampler, drafts, draft_probs, target_logits)
             n_accepted = len(emitted) - 1
             spec.rounds += 1
