@@ -345,6 +345,19 @@ static void matvec_rows_generic(void *ctx, int64_t begin, int64_t end) {
 /* AVX-512 VNNI path                                                                                       */
 
 #ifdef EK_X86
+/* A matrix's row shape, shared by the AVX-512 and AVX2 paths (plain integer code: no target of its own, so
+ * it inlines into either). */
+typedef struct {
+    int64_t cols, n_chunks, n_groups, n_blocks, n_quads, row_bytes, sz_stride;
+    int group_shift, has_zeros;
+} row_shape;
+
+static inline __attribute__((always_inline)) row_shape shape_of(const ek_matrix *m, int bits) {
+    const int64_t cols = m->cols, n_chunks = cols / 64, n_groups = cols / m->group;
+    return (row_shape){cols, n_chunks, n_groups, cols / 32, (n_chunks + 3) / 4, cols * bits / 8,
+                       (n_groups + 15) & ~(int64_t)15, __builtin_ctz((unsigned)m->group), m->zeros || m->zeros_f16};
+}
+
 #define EK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
 #define EK_INLINE static inline __attribute__((always_inline)) /* the kernels' helpers: constants propagate, registers stay registers */
 
@@ -639,18 +652,6 @@ EK_AVX512 static inline void store_tile(const simd_job *job, __m512 y, const flo
         const int64_t r = r0 + i, col = job->base.out_index ? job->base.out_index[r] : r;
         for (int t = 0; t < nt; t++) job->base.y[(t0 + t) * job->base.out_stride + col] = out[4 * i + t];
     }
-}
-
-/* The shapes every path below shares. */
-typedef struct {
-    int64_t cols, n_chunks, n_groups, n_blocks, n_quads, row_bytes, sz_stride;
-    int group_shift, has_zeros;
-} row_shape;
-
-EK_AVX512 EK_INLINE row_shape shape_of(const ek_matrix *m, int bits) {
-    const int64_t cols = m->cols, n_chunks = cols / 64, n_groups = cols / m->group;
-    return (row_shape){cols, n_chunks, n_groups, cols / 32, (n_chunks + 3) / 4, cols * bits / 8,
-                       (n_groups + 15) & ~(int64_t)15, __builtin_ctz((unsigned)m->group), m->zeros || m->zeros_f16};
 }
 
 EK_AVX512 static inline const uint8_t *row_zeros(const ek_matrix *m, int64_t r, int64_t n_groups) {
@@ -1129,25 +1130,21 @@ EK_AVX2 EK_INLINE quad_scales_map quad_scales_init(const ek_matrix *m, int64_t n
     return map;
 }
 
-/* A matrix's rows as the AVX2 row functions walk them: transposed quads (all of them; with groups of 32 to
- * 256 only the full ones, a partial last quad's chunks then read in natural order), and the map from a
- * quad's lanes to the row's scales. */
+/* A matrix's rows as the AVX2 row functions walk them: its shape, the transposed quads (all of them; with
+ * groups of 32 to 256 only the full ones, a partial last quad's chunks then read in natural order), and the
+ * map from a quad's lanes to the row's scales. */
 typedef struct {
-    int64_t cols, n_groups, n_blocks, row_bytes, n_chunks, n_quads, n_tq, n_tail;
+    row_shape shape;
+    int64_t n_tq, n_tail;
     quad_scales_map map;
 } row_layout;
 
 EK_AVX2 EK_INLINE row_layout row_layout_init(const ek_matrix *m, const int bits) {
     row_layout l;
-    l.cols = m->cols;
-    l.n_groups = m->cols / m->group;
-    l.n_blocks = m->cols / 32;
-    l.row_bytes = m->cols * bits / 8;
-    l.n_chunks = m->cols / 64;
-    l.n_quads = (l.n_chunks + 3) / 4;
-    l.map = quad_scales_init(m, l.n_groups);
-    l.n_tq = l.map.permuted ? l.n_chunks / 4 : l.n_quads;
-    l.n_tail = l.map.permuted ? l.n_chunks % 4 : 0;
+    l.shape = shape_of(m, bits);
+    l.map = quad_scales_init(m, l.shape.n_groups);
+    l.n_tq = l.map.permuted ? l.shape.n_chunks / 4 : l.shape.n_quads;
+    l.n_tail = l.map.permuted ? l.shape.n_chunks % 4 : 0;
     return l;
 }
 
@@ -1228,18 +1225,18 @@ EK_AVX2 EK_INLINE void rows_one_token_avx2(const simd_job *job, int64_t begin, i
     ek_v64 tail[3];
     float sc[EK_AVX2_MAX_COLS / 16 + 8], sz[EK_AVX2_MAX_COLS / 16 + 8];
     __m256 dq[EK_AVX2_MAX_COLS / 128]; /* the token's activation scales per quad lane */
-    for (int64_t k = 0; k < L.n_tq; k++) quad_dx_avx2(job->base.dx, k, L.n_blocks, &dq[2 * k], &dq[2 * k + 1]);
+    for (int64_t k = 0; k < L.n_tq; k++) quad_dx_avx2(job->base.dx, k, L.shape.n_blocks, &dq[2 * k], &dq[2 * k + 1]);
     for (int64_t r = begin; r < end; r++) {
-        const uint8_t *q = m->q + r * L.row_bytes;
-        for (int64_t off = 0; off < L.row_bytes; off += 64)
+        const uint8_t *q = m->q + r * L.shape.row_bytes;
+        for (int64_t off = 0; off < L.shape.row_bytes; off += 64)
             _mm_prefetch((const char *)(q + EK_PREFETCH_BYTES + off), _MM_HINT_T1);
-        row_scales_avx2(m, r, L.n_groups, bits == 8 ? 128.f : 0.f, sc, sz);
+        row_scales_avx2(m, r, L.shape.n_groups, bits == 8 ? 128.f : 0.f, sc, sz);
         __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
         for (int64_t k = 0; k < L.n_tq; k++) {
             ek_v64 c[4];
             __m256i u0, u1;
             __m256 s0, s1;
-            row_quad_avx2(q, bits, k, L.n_chunks, c);
+            row_quad_avx2(q, bits, k, L.shape.n_chunks, c);
             quad_dot_avx2(c, job->xt + k * 256, bits, &u0, &u1);
             quad_scales_avx2(&L.map, sc, k, &s0, &s1);
             quad_accumulate(u0, u1, s0, s1, dq[2 * k], dq[2 * k + 1], &acc0, &acc1);
@@ -1247,7 +1244,7 @@ EK_AVX2 EK_INLINE void rows_one_token_avx2(const simd_job *job, int64_t begin, i
         for (int64_t i = 0; i < L.n_tail; i++) decode_chunk_avx2(q + (4 * L.n_tq + i) * 8 * bits, bits, &tail[i]);
         job->base.y[job->base.out_index ? job->base.out_index[r] : r] =
             row_token_result(acc0, acc1, tail, 4 * L.n_tq, L.n_tail, job->base.xq, job->base.dx, sc, sz, job->gsum,
-                             L.n_groups, L.map.shift, bits);
+                             L.shape.n_groups, L.map.shift, bits);
     }
 }
 
@@ -1281,9 +1278,10 @@ EK_AVX2 EK_INLINE void tile_half_quad_avx2(const __m256i *c, __m256 s, const int
 
 /* Quads k0..k1 of a row (lane scales ls[2 * (k - k0) + h]) for nt tokens; a partial quad decodes first. */
 EK_AVX2 EK_INLINE void tile_segment_avx2(const uint8_t *q, const __m256 *ls, const int8_t *xt, const __m256 *dq,
-                                         int64_t dq_stride, int64_t n_quads, int64_t n_chunks, int64_t k0,
-                                         int64_t k1, __m256 (*acc)[2], const int nt, const int bits) {
-    const int64_t full_end = k1 < n_chunks / 4 ? k1 : n_chunks / 4, xt_stride = n_quads * 256;
+                                         int64_t dq_stride, const row_shape *shape, int64_t k0, int64_t k1,
+                                         __m256 (*acc)[2], const int nt, const int bits) {
+    const int64_t n_chunks = shape->n_chunks;
+    const int64_t full_end = k1 < n_chunks / 4 ? k1 : n_chunks / 4, xt_stride = shape->n_quads * 256;
     for (int h = 0; h < 2; h++) { /* half by half: a half's codes and the tokens' accumulators fit the registers */
         __m256 a[EK_AVX2_TILE_TOKENS];
 #pragma GCC unroll 4
@@ -1310,7 +1308,7 @@ EK_AVX2 EK_INLINE void rows_few_tokens_avx2(const simd_job *job, int64_t begin, 
     const ek_matrix *m = job->base.m;
     const row_layout L = row_layout_init(m, bits);
     const int64_t T = job->base.n_tokens;
-    const int64_t dq_stride = 2 * L.n_tq, group_stride = L.n_groups + 8, quad_bytes = 32 * bits;
+    const int64_t dq_stride = 2 * L.n_tq, group_stride = L.shape.n_groups + 8, quad_bytes = 32 * bits;
     int64_t segment = EK_AVX2_SEGMENT_BYTES / (256 * T);
     if (segment < 2) segment = 2;
     if (segment > EK_AVX2_SEGMENT_QUADS) segment = EK_AVX2_SEGMENT_QUADS;
@@ -1320,55 +1318,57 @@ EK_AVX2 EK_INLINE void rows_few_tokens_avx2(const simd_job *job, int64_t begin, 
     __m256 acc[EK_AVX2_TILE_ROWS][EK_AVX2_FEW_TOKENS][2], ls[2 * EK_AVX2_SEGMENT_QUADS];
     for (int64_t t = 0; t < T; t++)
         for (int64_t k = 0; k < L.n_tq; k++)
-            quad_dx_avx2(job->base.dx + t * L.n_blocks, k, L.n_blocks, &dq[t * dq_stride + 2 * k], &dq[t * dq_stride + 2 * k + 1]);
+            quad_dx_avx2(job->base.dx + t * L.shape.n_blocks, k, L.shape.n_blocks, &dq[t * dq_stride + 2 * k],
+                         &dq[t * dq_stride + 2 * k + 1]);
     for (int64_t r0 = begin; r0 < end; r0 += EK_AVX2_TILE_ROWS) {
         const int64_t nr = end - r0 < EK_AVX2_TILE_ROWS ? end - r0 : EK_AVX2_TILE_ROWS;
         for (int64_t i = 0; i < nr; i++) {
-            row_scales_avx2(m, r0 + i, L.n_groups, bits == 8 ? 128.f : 0.f, sc + i * group_stride, sz + i * group_stride);
+            row_scales_avx2(m, r0 + i, L.shape.n_groups, bits == 8 ? 128.f : 0.f, sc + i * group_stride,
+                            sz + i * group_stride);
             for (int64_t t = 0; t < T; t++) acc[i][t][0] = acc[i][t][1] = _mm256_setzero_ps();
         }
         for (int64_t k0 = 0; k0 < L.n_tq; k0 += segment) {
             const int64_t k1 = L.n_tq - k0 < segment ? L.n_tq : k0 + segment;
             for (int64_t i = 0; i < nr; i++) {
-                const uint8_t *q = m->q + (r0 + i) * L.row_bytes;
+                const uint8_t *q = m->q + (r0 + i) * L.shape.row_bytes;
                 /* this row's next segment, or the next block's row's first one: a block of rows ahead */
-                const uint8_t *next = k1 < L.n_tq ? q + k1 * quad_bytes : q + EK_AVX2_TILE_ROWS * L.row_bytes;
+                const uint8_t *next = k1 < L.n_tq ? q + k1 * quad_bytes : q + EK_AVX2_TILE_ROWS * L.shape.row_bytes;
                 const int64_t left = k1 < L.n_tq ? L.n_tq - k1 : L.n_tq, next_quads = left < segment ? left : segment;
                 for (int64_t off = 0; off < next_quads * quad_bytes; off += 64)
                     _mm_prefetch((const char *)(next + off), _MM_HINT_T1);
                 for (int64_t k = k0; k < k1; k++)
                     for (int h = 0; h < 2; h++) ls[2 * (k - k0) + h] = quad_scale_half_avx2(&L.map, sc + i * group_stride, k, h);
                 for (int64_t t0 = 0; t0 < T; t0 += EK_AVX2_TILE_TOKENS) {
-                    const int8_t *xt = job->xt + t0 * L.n_quads * 256;
+                    const int8_t *xt = job->xt + t0 * L.shape.n_quads * 256;
                     const __m256 *d = dq + t0 * dq_stride;
                     switch (T - t0 < EK_AVX2_TILE_TOKENS ? T - t0 : EK_AVX2_TILE_TOKENS) { /* constant widths */
-                    case 1: tile_segment_avx2(q, ls, xt, d, dq_stride, L.n_quads, L.n_chunks, k0, k1, &acc[i][t0], 1, bits); break;
-                    case 2: tile_segment_avx2(q, ls, xt, d, dq_stride, L.n_quads, L.n_chunks, k0, k1, &acc[i][t0], 2, bits); break;
-                    case 3: tile_segment_avx2(q, ls, xt, d, dq_stride, L.n_quads, L.n_chunks, k0, k1, &acc[i][t0], 3, bits); break;
-                    default: tile_segment_avx2(q, ls, xt, d, dq_stride, L.n_quads, L.n_chunks, k0, k1, &acc[i][t0], 4, bits); break;
+                    case 1: tile_segment_avx2(q, ls, xt, d, dq_stride, &L.shape, k0, k1, &acc[i][t0], 1, bits); break;
+                    case 2: tile_segment_avx2(q, ls, xt, d, dq_stride, &L.shape, k0, k1, &acc[i][t0], 2, bits); break;
+                    case 3: tile_segment_avx2(q, ls, xt, d, dq_stride, &L.shape, k0, k1, &acc[i][t0], 3, bits); break;
+                    default: tile_segment_avx2(q, ls, xt, d, dq_stride, &L.shape, k0, k1, &acc[i][t0], 4, bits); break;
                     }
                 }
             }
         }
         for (int64_t i = 0; i < nr; i++) { /* as row_token_result, the tokens' zero-point terms together */
-            const uint8_t *q = m->q + (r0 + i) * L.row_bytes;
+            const uint8_t *q = m->q + (r0 + i) * L.shape.row_bytes;
             const int64_t out = job->base.out_index ? job->base.out_index[r0 + i] : r0 + i;
             const float *rsz = sz + i * group_stride;
             float zero[EK_AVX2_FEW_TOKENS];
             for (int64_t t0 = 0; t0 < T; t0 += EK_AVX2_TILE_TOKENS) {
-                const float *g = job->gsum + t0 * L.n_groups;
+                const float *g = job->gsum + t0 * L.shape.n_groups;
                 switch (T - t0 < EK_AVX2_TILE_TOKENS ? T - t0 : EK_AVX2_TILE_TOKENS) {
-                case 1: zero_terms_avx2(rsz, g, L.n_groups, L.n_groups, zero + t0, 1); break;
-                case 2: zero_terms_avx2(rsz, g, L.n_groups, L.n_groups, zero + t0, 2); break;
-                case 3: zero_terms_avx2(rsz, g, L.n_groups, L.n_groups, zero + t0, 3); break;
-                default: zero_terms_avx2(rsz, g, L.n_groups, L.n_groups, zero + t0, 4); break;
+                case 1: zero_terms_avx2(rsz, g, L.shape.n_groups, L.shape.n_groups, zero + t0, 1); break;
+                case 2: zero_terms_avx2(rsz, g, L.shape.n_groups, L.shape.n_groups, zero + t0, 2); break;
+                case 3: zero_terms_avx2(rsz, g, L.shape.n_groups, L.shape.n_groups, zero + t0, 3); break;
+                default: zero_terms_avx2(rsz, g, L.shape.n_groups, L.shape.n_groups, zero + t0, 4); break;
                 }
             }
             for (int64_t j = 0; j < L.n_tail; j++) decode_chunk_avx2(q + (4 * L.n_tq + j) * 8 * bits, bits, &tail[j]);
             for (int64_t t = 0; t < T; t++)
                 job->base.y[t * job->base.out_stride + out] =
-                    row_token_sum(acc[i][t][0], acc[i][t][1], tail, 4 * L.n_tq, L.n_tail, job->base.xq + t * L.cols,
-                                  job->base.dx + t * L.n_blocks, sc + i * group_stride, L.map.shift, bits) - zero[t];
+                    row_token_sum(acc[i][t][0], acc[i][t][1], tail, 4 * L.n_tq, L.n_tail, job->base.xq + t * L.shape.cols,
+                                  job->base.dx + t * L.shape.n_blocks, sc + i * group_stride, L.map.shift, bits) - zero[t];
         }
     }
 }
@@ -1384,7 +1384,7 @@ EK_AVX2 EK_INLINE void rows_tokens_avx2(const simd_job *job, int64_t begin, int6
     const ek_matrix *m = job->base.m;
     const row_layout L = row_layout_init(m, bits);
     const int64_t T = job->base.n_tokens;
-    const int64_t row_vectors = 4 * L.n_tq + L.n_tail, group_stride = L.n_groups + 8;
+    const int64_t row_vectors = 4 * L.n_tq + L.n_tail, group_stride = L.shape.n_groups + 8;
     int64_t block_rows = EK_AVX2_CODE_VECTORS / row_vectors;
     if (block_rows > EK_AVX2_SCALE_VECTORS / (2 * L.n_tq + 1)) block_rows = EK_AVX2_SCALE_VECTORS / (2 * L.n_tq + 1);
     if (block_rows > EK_AVX2_GROUP_FLOATS / group_stride) block_rows = EK_AVX2_GROUP_FLOATS / group_stride;
@@ -1397,12 +1397,12 @@ EK_AVX2 EK_INLINE void rows_tokens_avx2(const simd_job *job, int64_t begin, int6
     for (int64_t r0 = begin; r0 < end; r0 += block_rows) {
         const int64_t nr = end - r0 < block_rows ? end - r0 : block_rows;
         for (int64_t i = 0; i < nr; i++) {
-            const uint8_t *q = m->q + (r0 + i) * L.row_bytes;
+            const uint8_t *q = m->q + (r0 + i) * L.shape.row_bytes;
             ek_v64 *c = codes + i * row_vectors;
             float *rsc = sc + i * group_stride;
-            row_scales_avx2(m, r0 + i, L.n_groups, bits == 8 ? 128.f : 0.f, rsc, sz + i * group_stride);
+            row_scales_avx2(m, r0 + i, L.shape.n_groups, bits == 8 ? 128.f : 0.f, rsc, sz + i * group_stride);
             for (int64_t k = 0; k < L.n_tq; k++) {
-                row_quad_avx2(q, bits, k, L.n_chunks, &c[4 * k]);
+                row_quad_avx2(q, bits, k, L.shape.n_chunks, &c[4 * k]);
                 quad_scales_avx2(&L.map, rsc, k, &scales[i * 2 * L.n_tq + 2 * k], &scales[i * 2 * L.n_tq + 2 * k + 1]);
             }
             for (int64_t j = 0; j < L.n_tail; j++) decode_chunk_avx2(q + (4 * L.n_tq + j) * 8 * bits, bits, &c[4 * L.n_tq + j]);
@@ -1411,8 +1411,8 @@ EK_AVX2 EK_INLINE void rows_tokens_avx2(const simd_job *job, int64_t begin, int6
             const int64_t nt = T - t0 < block_tokens ? T - t0 : block_tokens;
             for (int64_t t = 0; t < nt; t++)
                 for (int64_t k = 0; k < L.n_tq; k++)
-                    quad_dx_avx2(job->base.dx + (t0 + t) * L.n_blocks, k, L.n_blocks, &dq[t * 2 * L.n_tq + 2 * k],
-                                 &dq[t * 2 * L.n_tq + 2 * k + 1]);
+                    quad_dx_avx2(job->base.dx + (t0 + t) * L.shape.n_blocks, k, L.shape.n_blocks,
+                                 &dq[t * 2 * L.n_tq + 2 * k], &dq[t * 2 * L.n_tq + 2 * k + 1]);
             for (int64_t i = 0; i < nr; i++) {
                 const ek_v64 *c = codes + i * row_vectors;
                 const __m256 *s = scales + i * 2 * L.n_tq;
@@ -1422,13 +1422,13 @@ EK_AVX2 EK_INLINE void rows_tokens_avx2(const simd_job *job, int64_t begin, int6
                     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
                     for (int64_t k = 0; k < L.n_tq; k++) {
                         __m256i u0, u1;
-                        quad_dot_avx2(&c[4 * k], job->xt + (t * L.n_quads + k) * 256, bits, &u0, &u1);
+                        quad_dot_avx2(&c[4 * k], job->xt + (t * L.shape.n_quads + k) * 256, bits, &u0, &u1);
                         quad_accumulate(u0, u1, s[2 * k], s[2 * k + 1], d[2 * k], d[2 * k + 1], &acc0, &acc1);
                     }
                     job->base.y[t * job->base.out_stride + out] = row_token_result(
-                        acc0, acc1, &c[4 * L.n_tq], 4 * L.n_tq, L.n_tail, job->base.xq + t * L.cols, job->base.dx + t * L.n_blocks,
-                        sc + i * group_stride, sz + i * group_stride, job->gsum + t * L.n_groups,
-                        L.n_groups, L.map.shift, bits);
+                        acc0, acc1, &c[4 * L.n_tq], 4 * L.n_tq, L.n_tail, job->base.xq + t * L.shape.cols,
+                        job->base.dx + t * L.shape.n_blocks, sc + i * group_stride, sz + i * group_stride,
+                        job->gsum + t * L.shape.n_groups, L.shape.n_groups, L.map.shift, bits);
                 }
             }
         }
