@@ -59,11 +59,14 @@ class SpeculativeStats:
 
     @property
     def draft_ms_per_round(self) -> float:
-        return 1000 * self.draft_seconds / self.rounds if self.rounds else 0.0
+        return self._ms_per_round(self.draft_seconds)
 
     @property
     def verify_ms_per_round(self) -> float:
-        return 1000 * self.verify_seconds / self.rounds if self.rounds else 0.0
+        return self._ms_per_round(self.verify_seconds)
+
+    def _ms_per_round(self, seconds: float) -> float:
+        return 1000 * seconds / self.rounds if self.rounds else 0.0
 
     @property
     def acceptance(self) -> float:

@@ -1116,9 +1116,10 @@ typedef struct {
     __m256i rel0, rel1, pos0, pos1, last_group;
 } quad_scales_map;
 
-EK_AVX2 EK_INLINE quad_scales_map quad_scales_init(const ek_matrix *m, int64_t n_groups) {
+EK_AVX2 EK_INLINE quad_scales_map quad_scales_init(const ek_matrix *m, const row_shape *shape) {
+    const int64_t n_groups = shape->n_groups;
     quad_scales_map map;
-    map.shift = __builtin_ctz((unsigned)m->group);
+    map.shift = shape->group_shift;
     map.permuted = m->group >= 32 && m->group <= 256;
     map.n_groups = n_groups;
     /* The first code of each lane's 16 within the quad: (lane & 3) * 64 + (lane >> 2) * 16. */
@@ -1142,7 +1143,7 @@ typedef struct {
 EK_AVX2 EK_INLINE row_layout row_layout_init(const ek_matrix *m, const int bits) {
     row_layout l;
     l.shape = shape_of(m, bits);
-    l.map = quad_scales_init(m, l.shape.n_groups);
+    l.map = quad_scales_init(m, &l.shape);
     l.n_tq = l.map.permuted ? l.shape.n_chunks / 4 : l.shape.n_quads;
     l.n_tail = l.map.permuted ? l.shape.n_chunks % 4 : 0;
     return l;
