@@ -1229,14 +1229,16 @@ EK_AVX2 EK_INLINE void rows_one_token_avx2(const simd_job *job, int64_t begin, i
     for (int64_t k = 0; k < L.n_tq; k++) quad_dx_avx2(job->base.dx, k, L.shape.n_blocks, &dq[2 * k], &dq[2 * k + 1]);
     for (int64_t r = begin; r < end; r++) {
         const uint8_t *q = m->q + r * L.shape.row_bytes;
-        for (int64_t off = 0; off < L.shape.row_bytes; off += 64)
-            _mm_prefetch((const char *)(q + EK_PREFETCH_BYTES + off), _MM_HINT_T1);
         row_scales_avx2(m, r, L.shape.n_groups, bits == 8 ? 128.f : 0.f, sc, sz);
         __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
         for (int64_t k = 0; k < L.n_tq; k++) {
             ek_v64 c[4];
             __m256i u0, u1;
             __m256 s0, s1;
+            /* a quad's bytes EK_PREFETCH_BYTES ahead, quad by quad: a whole long row's lines requested at
+             * once at its start left rows of 8960 columns at ~65 % of the rate of rows of 1536 */
+            for (int off = 0; off < 32 * bits; off += 64)
+                _mm_prefetch((const char *)(q + k * 32 * bits + EK_PREFETCH_BYTES + off), _MM_HINT_T1);
             row_quad_avx2(q, bits, k, L.shape.n_chunks, c);
             quad_dot_avx2(c, job->xt + k * 256, bits, &u0, &u1);
             quad_scales_avx2(&L.map, sc, k, &s0, &s1);
