@@ -1259,10 +1259,12 @@ EK_AVX2 EK_INLINE void rows_one_token_avx2(const simd_job *job, int64_t begin, i
  * in a few, bit for bit. */
 #define EK_AVX2_TILE_TOKENS 4
 #define EK_AVX2_TILE_ROWS 8
-#ifndef EK_AVX2_SEGMENT_BYTES
-#define EK_AVX2_SEGMENT_BYTES 8192 /* the tokens' activations of a segment: 8 KB beat 4 and 16 with rows from DRAM */
+#ifndef EK_AVX2_SEGMENT_QUADS
+/* A row's quads per segment, whatever the token count: with rows from DRAM, 6 (768 bytes of 4-bit codes)
+ * beat a segment sized by the tokens' activations (8 KB of them: 16 quads at 2 tokens, 8 at 4, 4 at 8) by
+ * 1.4x at 2 tokens and 1.1x at 8 on rows of 8960 columns, and tie at 4 and on short rows. */
+#define EK_AVX2_SEGMENT_QUADS 6
 #endif
-#define EK_AVX2_SEGMENT_QUADS 32
 #ifndef EK_AVX2_FEW_TOKENS
 #define EK_AVX2_FEW_TOKENS 8 /* longer batches (prefill) go by blocks of rows decoded into L1 */
 #endif
@@ -1312,9 +1314,7 @@ EK_AVX2 EK_INLINE void rows_few_tokens_avx2(const simd_job *job, int64_t begin, 
     const row_layout L = row_layout_init(m, bits);
     const int64_t T = job->base.n_tokens;
     const int64_t dq_stride = 2 * L.n_tq, group_stride = L.shape.n_groups + 8, quad_bytes = 32 * bits;
-    int64_t segment = EK_AVX2_SEGMENT_BYTES / (256 * T);
-    if (segment < 2) segment = 2;
-    if (segment > EK_AVX2_SEGMENT_QUADS) segment = EK_AVX2_SEGMENT_QUADS;
+    const int64_t segment = EK_AVX2_SEGMENT_QUADS;
     ek_v64 tail[3];
     float sc[EK_AVX2_TILE_ROWS * (EK_AVX2_MAX_COLS / 16 + 8)], sz[EK_AVX2_TILE_ROWS * (EK_AVX2_MAX_COLS / 16 + 8)];
     __m256 dq[EK_AVX2_FEW_TOKENS * EK_AVX2_MAX_COLS / 128]; /* each token's activation scales per quad lane */
