@@ -1221,12 +1221,18 @@ EK_AVX2 EK_INLINE void tail_accumulate(const ek_v64 *c, int64_t first_chunk, int
     }
 }
 
-/* One (row, token)'s lane sum from its quad accumulators, the tail chunks included. */
+/* One (row, token)'s lanes from its quad accumulators, the tail chunks included: their sum8 is its sum. */
+EK_AVX2 EK_INLINE __m256 row_token_lanes(__m256 acc0, __m256 acc1, const ek_v64 *tail, int64_t first_chunk,
+                                         int64_t n_tail, const int8_t *xq, const float *dx, const float *sc,
+                                         int shift, const int bits) {
+    tail_accumulate(tail, first_chunk, n_tail, xq, dx, sc, shift, bits, &acc0, &acc1);
+    return _mm256_add_ps(acc0, acc1);
+}
+
 EK_AVX2 EK_INLINE float row_token_sum(__m256 acc0, __m256 acc1, const ek_v64 *tail, int64_t first_chunk,
                                       int64_t n_tail, const int8_t *xq, const float *dx, const float *sc, int shift,
                                       const int bits) {
-    tail_accumulate(tail, first_chunk, n_tail, xq, dx, sc, shift, bits, &acc0, &acc1);
-    return sum8(_mm256_add_ps(acc0, acc1));
+    return sum8(row_token_lanes(acc0, acc1, tail, first_chunk, n_tail, xq, dx, sc, shift, bits));
 }
 
 /* One (row, token)'s result: its lane sum less the zero points' term. Every path ends with these two
@@ -1268,9 +1274,9 @@ EK_AVX2 EK_INLINE void rows_one_token_avx2(const simd_job *job, int64_t begin, i
             quad_accumulate(u0, u1, s0, s1, dq[2 * k], dq[2 * k + 1], &acc0, &acc1);
         }
         for (int64_t j = 0; j < L.n_tail; j++) decode_chunk_avx2(q + (4 * L.n_tq + j) * 8 * bits, bits, &tail[j]);
-        /* as row_token_result: lane sums with the tail, less the zero points' term */
-        tail_accumulate(tail, 4 * L.n_tq, L.n_tail, job->base.xq, job->base.dx, sc, L.map.shift, bits, &acc0, &acc1);
-        lanes[i] = _mm256_add_ps(acc0, acc1);
+        /* as row_token_result, the two sums left as lanes for sum8_rows */
+        lanes[i] = row_token_lanes(acc0, acc1, tail, 4 * L.n_tq, L.n_tail, job->base.xq, job->base.dx, sc,
+                                   L.map.shift, bits);
         zero_term_lanes_avx2(sz, job->gsum, 0, L.shape.n_groups, &zero_lanes[i], 1);
         if (i == 7 || r + 1 == end) {
             const int64_t first = r - i;
