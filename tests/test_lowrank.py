@@ -170,6 +170,35 @@ def test_lorc_can_compensate_the_tied_embedding(tmp_path):
     torch.testing.assert_close(lorc.tok_embeddings(ids), lorc.tok_embeddings.weight[ids], rtol=1e-5, atol=1e-5)
 
 
+def test_lorc_after_awq_compensates_in_the_scaled_basis(tmp_path):
+    """AWQ folds its scales into the weights (W·diag(s)) and the ops before them; LoRC after it must
+    compensate W·diag(s) − Q(W·diag(s)), not W − Q(W·diag(s)), or it adds error instead of removing it."""
+    from edgelm.compress.calibration import Calibration
+    from edgelm.compress.quant.awq import AWQ
+
+    model, _ = tiny(tmp_path, "qwen2")
+    with torch.no_grad():  # outsized activations on a few channels, as real models have: AWQ's s != 1
+        for norm in [model.norm] + [m for layer in model.layers for m in (layer.attn_norm, layer.ffn_norm)]:
+            norm.weight[[1, 7, 20]] *= 30.0
+    reference = copy.deepcopy(model)
+    calibration = Calibration(torch.randint(3, model.args.vocab_size, (4, 24),
+                                            generator=torch.Generator().manual_seed(0)), "random")
+    awq = AWQ(bits=3, group_size=32, n_grid=10)
+    torch.manual_seed(0)
+    awq_only = compress(copy.deepcopy(model), awq, calibration)
+    torch.manual_seed(0)
+    awq_lorc = compress(model, [awq, LoRC(rank=16)], calibration)
+    assert not hasattr(model, "compression_reference")
+    compensated = {name: m for name, m in awq_lorc.named_modules() if isinstance(m, LoRCLinear)}
+    assert len(compensated) == 3 * 7
+    for name, layer in compensated.items():  # the same AWQ result underneath, plus a correction
+        torch.testing.assert_close(layer.quantized.weight, awq_only.get_submodule(name).weight, rtol=0, atol=0)
+    ids = torch.randint(3, reference.args.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    ref_logits = logits(reference, ids)
+    kl_awq, kl_lorc = kl(ref_logits, logits(awq_only, ids)), kl(ref_logits, logits(awq_lorc, ids))
+    assert kl_lorc < 0.9 * kl_awq, (kl_lorc, kl_awq)
+
+
 def test_lorc_fields_and_missing_float_weights_are_errors(tmp_path):
     for rank in (0, -3):
         with pytest.raises(RecipeError, match="rank must be a positive"):

@@ -52,12 +52,42 @@ def test_kld_is_zero_against_itself(tiny):
 @pytest.mark.parametrize("args, message", [
     (["--method", "rnt"], "unknown compression method 'rnt'"),
     (["--bits", "7"], "bits must be one of"),
+    (["--method", "mixed"], "--method mixed needs --target-bpw"),
+    (["--method", "anyprec", "--symmetric"], "--method anyprec does not take --symmetric"),
+    (["--method", "rtn", "--target-bpw", "4"], "--method rtn does not take --target-bpw"),
+    (["--method", "anyprec", "--min-bits", "5", "--bits", "4"], "need 2 <= min_bits <= bits"),
+    (["--calib-samples", "0", "--method", "gptq"], "--calib-samples must be a positive integer"),
+    (["--calib-seq-len", "-3", "--method", "gptq"], "--calib-seq-len must be a positive integer"),
 ])
 def test_quantize_errors_are_one_line(tiny, tmp_path, args, message):
     done = edgelm_cli("quantize", "-m", tiny, *args, "-o", tmp_path / "x")
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert message in done.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_quantize_anyprec_and_mixed(tiny, tmp_path):
+    """The two methods whose fields differ from rtn/gptq/awq: one stored any-precision model that loads at
+    several precisions, and a bits-per-weight budget met for the whole model."""
+    done = edgelm_cli("quantize", "-m", tiny, "--method", "anyprec", "--bits", "4", "--group-size", "32",
+                      "-o", tmp_path / "ap")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "ap" / "config.json").read_text())["recipe"][0]["anyprec"]["max_bits"] == 8
+    ids = torch.randint(3, 200, (1, 16), generator=torch.Generator().manual_seed(0))
+    errors = []
+    with torch.inference_mode():
+        reference = edgelm.load(tiny)[0](ids).float()
+        for bits in (3, 8):
+            model, _ = edgelm.load(tmp_path / "ap", bits=bits)
+            errors.append(float((model(ids).float() - reference).abs().mean()))
+    assert errors[1] < errors[0]  # 8-bit codes are closer to the float model than their 3-bit prefixes
+    done = edgelm_cli("quantize", "-m", tiny, "--method", "mixed", "--target-bpw", "5", "--calib-samples", "4",
+                      "--calib-seq-len", "32", "-o", tmp_path / "mixed")
+    assert done.returncode == 0, done.stderr
+    model, _ = edgelm.load(tmp_path / "mixed")
+    from edgelm.io.artifact import model_size
+
+    assert 4.75 <= model_size(model)["bits_per_weight"] <= 5.0
 
 
 def test_compress_with_a_yaml_recipe(tiny, tmp_path):

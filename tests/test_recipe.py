@@ -28,6 +28,9 @@ def test_parse_round_trip():
     ([{"rtn": {"group_size": 48}}], "group_size must be"),
     ([], "non-empty list"),
     ([{"rtn": {}, "gptq": {}}], "one key"),
+    ([{"rtn": 4}], "(rtn): its fields must be a mapping"),
+    ([{"rtn": ["bits"]}], "(rtn): its fields must be a mapping"),
+    ([{"anyprec": {"group_size": 0}}], "anyprec: group_size must be"),
 ])
 def test_bad_recipes_are_named(recipe, message):
     with pytest.raises(RecipeError) as info:

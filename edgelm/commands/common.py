@@ -116,11 +116,17 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
 
 def calibration_for(args: argparse.Namespace, model, tokenizer):
     from edgelm.compress.calibration import calibration_from_file, calibration_from_model
+    from edgelm.errors import EdgelmError
 
-    if args.calib:
-        return calibration_from_file(tokenizer, args.calib, args.calib_samples or 64, args.calib_seq_len or 512)
+    for flag, value in (("--calib-samples", args.calib_samples), ("--calib-seq-len", args.calib_seq_len)):
+        if value is not None and value < 1:
+            raise EdgelmError(f"{flag} must be a positive integer, got {value}")
+    from_file = args.calib is not None
     # Data-free: generating is slow on a CPU, hence the smaller defaults.
-    samples, seq_len = args.calib_samples or 8, args.calib_seq_len or 128
+    samples = args.calib_samples if args.calib_samples is not None else (64 if from_file else 8)
+    seq_len = args.calib_seq_len if args.calib_seq_len is not None else (512 if from_file else 128)
+    if from_file:
+        return calibration_from_file(tokenizer, args.calib, samples, seq_len)
     print(f"edgelm: no --calib file: generating {samples} calibration samples of {seq_len} tokens with the model",
           file=sys.stderr)
     return calibration_from_model(model, tokenizer, samples, seq_len)

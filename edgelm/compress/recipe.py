@@ -80,6 +80,9 @@ def parse_recipe(data: Any) -> list[Step]:
         if method not in STEPS:
             raise RecipeError(f"unknown compression method '{method}'{_suggest(method, STEPS)}; "
                               f"available: {', '.join(sorted(STEPS))}")
+        if values is not None and not isinstance(values, dict):
+            raise RecipeError(f"recipe step {i + 1} ({method}): its fields must be a mapping, e.g. "
+                              f"{{{method}: {{bits: 4}}}}, got {values!r}")
         steps.append(STEPS[method].from_dict(values or {}))
     return steps
 

@@ -121,6 +121,9 @@ class AnyPrecision(Step):
         if not 2 <= self.min_bits <= self.bits <= self.max_bits <= 8:
             raise RecipeError(f"anyprec: need 2 <= min_bits <= bits <= max_bits <= 8, got min_bits={self.min_bits}, "
                               f"bits={self.bits}, max_bits={self.max_bits}")
+        if self.group_size not in (16, 32, 64, 128, 256):
+            raise RecipeError(f"anyprec: group_size must be 16, 32, 64, 128 or 256 (nested codes need groups), "
+                              f"got {self.group_size}")
 
     def apply(self, model: nn.Module, calibration: Any = None) -> nn.Module:
         for name, module in target_modules(model, embedding=self.embedding, ignore=self.ignore):

@@ -188,6 +188,23 @@ def fold_scales(previous: nn.Module, linears: list[nn.Linear], s: torch.Tensor) 
             previous.bias.div_(s.to(previous.bias.dtype))
 
 
+def fold_into_reference(model: nn.Module, previous: str, linears: list[str], s: torch.Tensor) -> None:
+    """Fold the same scales into compress()'s reference model, where there is one, so that it stays in the
+    quantized model's basis: a later step comparing weights (LoRC's W − Q(W)) must see W·diag(s), not W.
+    Folding is exact in float, so the reference (a distillation teacher) computes the same function."""
+    reference = getattr(model, "compression_reference", None)
+    if reference is None:
+        return
+    try:
+        ref_previous = reference.get_submodule(previous)
+        ref_linears = [reference.get_submodule(name) for name in linears]
+    except AttributeError:  # a teacher of another shape: nothing there to keep in step
+        return
+    if _foldable(ref_previous, ref_linears) and all(
+            ref.weight.shape == model.get_submodule(name).weight.shape for ref, name in zip(ref_linears, linears)):
+        fold_scales(ref_previous, ref_linears, s)
+
+
 def _foldable(previous: nn.Module | None, linears: list[nn.Module]) -> bool:
     """Scales fold only into float modules (a layer quantized by an earlier step has no weight to scale)."""
     return (isinstance(previous, (RMSNorm, nn.Linear))
@@ -234,7 +251,7 @@ class AWQ(QuantStep):
             groups = scaling_groups(block)
             stats = self._observe_block(runner, i, block, groups, keep_fraction)
             for group in groups:
-                self._scale_group(block, group, stats[group.linears[0]], targets)
+                self._scale_group(model, f"layers.{i}.", group, stats[group.linears[0]], targets)
             if quantize_weights:
                 for group in groups:
                     for name in group.linears:
@@ -254,8 +271,9 @@ class AWQ(QuantStep):
             runner.run(i)
         return stats
 
-    def _scale_group(self, block: nn.Module, group: ScalingGroup, stats: InputStats,
+    def _scale_group(self, model: nn.Module, prefix: str, group: ScalingGroup, stats: InputStats,
                      targets: dict[int, str]) -> None:
+        block = model.get_submodule(prefix.rstrip("."))
         linears = [block.get_submodule(name) for name in group.linears]
         previous = block.get_submodule(group.previous) if group.previous else None
         to_quantize = [linear.weight for linear in linears if id(linear) in targets]
@@ -263,6 +281,7 @@ class AWQ(QuantStep):
             return
         s = search_scale(to_quantize, stats.sample, stats.mean_abs, self.scheme, self.n_grid)
         fold_scales(previous, linears, s)
+        fold_into_reference(model, prefix + group.previous, [prefix + name for name in group.linears], s)
         stats.divide_by(s)
 
     def _quantize_linear(self, model: nn.Module, module: nn.Module, name: str, stats: InputStats,
@@ -291,6 +310,7 @@ class AWQ(QuantStep):
         if not tied and id(head) in targets and _foldable(model.norm, [head]):
             s = search_scale([head.weight], stats.sample, stats.mean_abs, self.scheme, self.n_grid)
             fold_scales(model.norm, [head], s)
+            fold_into_reference(model, "norm", [targets[id(head)]], s)
             stats.divide_by(s)
         if not quantize_weights:
             return
