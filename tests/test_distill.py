@@ -98,3 +98,28 @@ def test_black_box_distillation_learns_the_teachers_text(tmp_path):
         return float(torch.nn.functional.cross_entropy(logits[0], text[0, 1:]))
 
     assert nll(student) < 0.9 * nll(plain)
+
+
+def test_training_device_is_only_a_place_to_run(tmp_path):
+    """`device` moves only the training loop: on the CPU it gives the same model as no device, and the
+    context it was passed in does not stay on the result. A GPU that is asked for but absent is a one-line
+    error from the CLI."""
+    import subprocess
+    import sys
+
+    path = write_tiny_model(tmp_path / "m.gguf", TinyConfig(arch="qwen2"))
+    models = []
+    for device in (None, "cpu"):
+        model, tokenizer = edgelm.load(path)
+        calibration = calibration_from_model(model, tokenizer, n_samples=4, seq_len=16, seed=1)
+        models.append(compress(model, [RTN(bits=3, group_size=32), DistillScales(steps=3, seq_len=16)],
+                               calibration, device=device))
+        assert "compression_device" not in models[-1].__dict__
+    assert torch.equal(models[0].layers[0].attn.wq.weight_q.scales, models[1].layers[0].attn.wq.weight_q.scales)
+    if torch.cuda.is_available():
+        return
+    done = subprocess.run([sys.executable, "-m", "edgelm", "distill", "-m", str(path), "--teacher", str(path),
+                           "--steps", "1", "--device", "cuda", "-o", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "--device cuda" in done.stderr and not (tmp_path / "out").exists()

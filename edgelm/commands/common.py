@@ -114,6 +114,13 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens per window (default: 512 from a file, 128 generated)")
 
 
+def add_training_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto",
+                        help="where the training steps (distill, distill_weights, distill_blackbox, qat) run "
+                             "their loop: cpu, cuda, cuda:N or auto (a GPU when PyTorch sees one; default); "
+                             "the other steps run on the CPU")
+
+
 def calibration_for(args: argparse.Namespace, model, tokenizer):
     from edgelm.compress.calibration import calibration_from_file, calibration_from_model
     from edgelm.errors import EdgelmError
@@ -138,15 +145,17 @@ def compress_and_save(args: argparse.Namespace, steps, reference_name: str | Non
     import edgelm
     from edgelm.compress import compress
     from edgelm.io.artifact import model_size, save_artifact
+    from edgelm.runtime.device import resolve_device
 
     set_threads(args.threads)
+    device = resolve_device(args.device) if getattr(args, "device", None) else None  # before any slow work
     model, tokenizer = edgelm.load(args.model)
     calibration = calibration_for(args, model, tokenizer) if any(s.needs_calibration for s in steps) else None
     reference = edgelm.load(reference_name)[0] if reference_name else None
     source = getattr(model, "source", None)
     recipe = [*(model.artifact_config.get("recipe", []) if hasattr(model, "artifact_config") else []),
               *(s.to_dict() for s in steps)]
-    model = compress(model, steps, calibration, reference=reference)  # a step may return a new (smaller) model
+    model = compress(model, steps, calibration, reference=reference, device=device)  # may be a new (smaller) model
     out = save_artifact(model, tokenizer, args.output, recipe=recipe, source=source)
     stats = model_size(model)
     print(f"{out}: {stats['parameters'] / 1e6:.1f}M weights in {stats['bytes'] / 1e6:.1f} MB "

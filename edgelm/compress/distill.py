@@ -53,7 +53,7 @@ class DistillScales(Step):
                    if isinstance(m, QuantizedLinear) or (self.embedding and isinstance(m, QuantizedEmbedding))]
         if not modules:
             raise RecipeError("distill trains quantization scales: put it after a quantization step, e.g. [rtn, distill]")
-        with trainable_scales(modules) as gains:
+        with on_training_device(model, teacher), trainable_scales(modules) as gains:
             train(gains, tokens, self.steps, self.lr, self.batch_size, "distill",
                   lambda batch: kl_divergence(teacher_logp(teacher, batch), F.log_softmax(model(batch).float(), -1)))
         return model
@@ -81,21 +81,23 @@ class QAT(QuantStep):
                    if name.startswith("layers.")]
         if not linears:
             raise RecipeError("qat found no float linear layers to train; put it before other quantizers")
-        for _, module in linears:
-            parametrize.register_parametrization(module, "weight", FakeQuantize(self.scheme))
-        weights = [module.parametrizations.weight.original for _, module in linears]
         tokens = calibration.tokens[:, : self.seq_len]
-        frozen = [p for p in model.parameters() if all(p is not w for w in weights)]
-        for p in frozen:
-            p.requires_grad_(False)
-        try:
-            train(weights, tokens, self.steps, self.lr, self.batch_size, "qat",
-                  lambda batch: kl_divergence(teacher_logp(teacher, batch), F.log_softmax(model(batch).float(), -1)))
-        finally:
+        with on_training_device(model, teacher):
             for _, module in linears:
-                parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+                parametrize.register_parametrization(module, "weight", FakeQuantize(self.scheme))
+            weights = [module.parametrizations.weight.original for _, module in linears]
+            frozen = [p for p in model.parameters() if all(p is not w for w in weights)]
             for p in frozen:
-                p.requires_grad_(True)
+                p.requires_grad_(False)
+            try:
+                train(weights, tokens, self.steps, self.lr, self.batch_size, "qat",
+                      lambda batch: kl_divergence(teacher_logp(teacher, batch),
+                                                  F.log_softmax(model(batch).float(), -1)))
+            finally:
+                for _, module in linears:
+                    parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+                for p in frozen:
+                    p.requires_grad_(True)
         # Convert to the packed format: the trained float weights, quantized with the trained-for scheme.
         for name, module in linears:
             swap_in_quantized(model, name, module, rtn_quantize_weight(module.weight, self.scheme))
@@ -134,9 +136,10 @@ class DistillWeights(Step):
         for p in frozen:
             p.requires_grad_(False)
         try:
-            train(trained, calibration.tokens[:, : self.seq_len], self.steps, self.lr, self.batch_size,
-                  "distill_weights",
-                  lambda batch: kl_divergence(teacher_logp(teacher, batch), F.log_softmax(model(batch).float(), -1)))
+            with on_training_device(model, teacher):  # moves keep the Parameter objects: the lists stay valid
+                train(trained, calibration.tokens[:, : self.seq_len], self.steps, self.lr, self.batch_size,
+                      "distill_weights", lambda batch: kl_divergence(teacher_logp(teacher, batch),
+                                                                     F.log_softmax(model(batch).float(), -1)))
         finally:
             for p in frozen:
                 p.requires_grad_(True)
@@ -196,21 +199,44 @@ class BlackBoxDistill(Step):
             logits = model(batch[:, :-1]).float()
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
 
-        with trainable_scales(modules) as gains:
+        # The teacher writes on the CPU (the compiled decode step); only the training loop moves.
+        with on_training_device(model, teacher), trainable_scales(modules) as gains:
             train(gains, tokens, self.steps, self.lr, self.batch_size, "distill_blackbox", next_token_loss)
         return model
 
 
+@contextmanager
+def on_training_device(model: nn.Module, teacher: nn.Module) -> Iterator[None]:
+    """Student and teacher on compress()'s `device` (e.g. a GPU) for a training loop, back on the CPU after.
+    Nothing moves on the CPU. The kernels' cached layouts are dropped by the moves (PackedWeight._apply)."""
+    device = model.__dict__.get("compression_device")
+    if device is None or torch.device(device).type == "cpu":
+        yield
+        return
+    model.to(device)
+    teacher.to(device)
+    try:
+        yield
+    finally:
+        model.to("cpu")
+        teacher.to("cpu")
+        for module in (model, teacher):
+            if hasattr(module, "clear_caches"):
+                module.clear_caches()
+
+
 def train(params: list[nn.Parameter], tokens: torch.Tensor, steps: int, lr: float, batch_size: int, desc: str,
           loss_of: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """Adam on `params` over random batches of token rows, with a progress bar showing the loss."""
+    """Adam on `params` over random batches of token rows (moved to the params' device), with a progress bar
+    showing the loss."""
     from tqdm import tqdm
 
     generator = torch.Generator().manual_seed(0)
     optimizer = torch.optim.Adam(params, lr=lr)
+    device = params[0].device
     with torch.enable_grad(), tqdm(total=steps, desc=desc, unit="step", file=sys.stderr) as progress:
         for _ in range(steps):
-            batch = tokens[torch.randint(0, tokens.shape[0], (batch_size,), generator=generator)]
+            batch = tokens[torch.randint(0, tokens.shape[0], (batch_size,), generator=generator)].to(device)
             loss = loss_of(batch)
             optimizer.zero_grad()
             loss.backward()

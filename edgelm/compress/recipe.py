@@ -88,13 +88,17 @@ def parse_recipe(data: Any) -> list[Step]:
 
 
 def compress(model: nn.Module, recipe: list[Step] | Step, calibration: Any = None,
-             reference: nn.Module | None = None) -> nn.Module:
+             reference: nn.Module | None = None, device: str | None = None) -> nn.Module:
     """Apply each step of the recipe to the model in order; returns the model. Most steps work in place, but
     some build a new one (structured pruning makes a smaller model): always use the returned model.
 
     Steps that need the uncompressed model (needs_reference) find it as `model.compression_reference` while
     the recipe runs: `reference` when given (distilling a model that is already compressed), otherwise a
     copy taken before the first step.
+
+    `device` (e.g. "cuda") is where the training steps (distill, distill_weights, distill_blackbox, qat) run
+    their optimisation loop, model and teacher moved there for the loop and back; the other steps and the
+    returned model stay on the CPU.
     """
     steps = [recipe] if isinstance(recipe, Step) else list(recipe)
     if any(step.needs_reference for step in steps):
@@ -102,11 +106,16 @@ def compress(model: nn.Module, recipe: list[Step] | Step, calibration: Any = Non
         # must not count as the model's). An already-compressed model is given its teacher explicitly.
         teacher = reference if reference is not None else copy.deepcopy(model)
         object.__setattr__(model, "compression_reference", teacher.eval())
+    if device is not None:
+        model.__dict__["compression_device"] = device
+    given = model
     try:
         for step in steps:
             model = step.apply(model, calibration)
     finally:
-        model.__dict__.pop("compression_reference", None)
+        for holder in (given, model):  # a step that builds a new model hands these on to it
+            holder.__dict__.pop("compression_reference", None)
+            holder.__dict__.pop("compression_device", None)
     return model
 
 

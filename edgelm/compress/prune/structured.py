@@ -129,7 +129,7 @@ def rebuild(model: nn.Module, keep_layers: list[int], heads_per_group: int, n_ch
     with torch.device("meta"):
         smaller = architecture_module(args.arch).build(new_args)
     smaller.load_state_dict(state, strict=True, assign=True)
-    for attribute in ("source", "compression_reference"):
+    for attribute in ("source", "compression_reference", "compression_device"):
         if attribute in model.__dict__:
             smaller.__dict__[attribute] = model.__dict__[attribute]
     return smaller.eval()
