@@ -113,6 +113,11 @@ def test_prune_command(tiny, tmp_path):
     assert ((weight == 0).sum(-1) == 2).all()
     done = edgelm_cli("prune", "-m", tiny, "--method", "magnitude", "--sparsity", "3:2", "-o", tmp_path / "x")
     assert done.returncode == 1 and "Traceback" not in done.stderr
+    # Long steps show progress on stderr: here data-free calibration, then Wanda block by block.
+    done = edgelm_cli("prune", "-m", tiny, "--method", "wanda", "--sparsity", "0.5", "--calib-samples", "2",
+                      "--calib-seq-len", "16", "-o", tmp_path / "w")
+    assert done.returncode == 0, done.stderr
+    assert "calibration samples: 100%" in done.stderr and "wanda: 100%" in done.stderr
 
 
 def test_structured_prune_command(tiny, tmp_path):

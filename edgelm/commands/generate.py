@@ -85,7 +85,6 @@ def load_draft(args: argparse.Namespace, model):
     """The --draft model: another model, or this one at fewer bits (any-precision directories)."""
     if args.draft is None:
         return None
-    import edgelm
     from edgelm.runtime.speculative import check_draft
 
     if args.draft.isdigit():

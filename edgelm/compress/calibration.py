@@ -58,9 +58,11 @@ def calibration_from_model(model: Transformer, tokenizer, n_samples: int = 16, s
     from edgelm.runtime.generate import generate_step
     from edgelm.runtime.sampling import Sampler, SamplingParams
 
+    from edgelm.compress.recipe import progress
+
     generator = torch.Generator().manual_seed(seed)
     rows = []
-    for i in range(n_samples):
+    for i in progress(range(n_samples), "calibration samples", "sample"):
         if tokenizer.add_bos and tokenizer.bos_id is not None:
             prompt = [tokenizer.bos_id]
         else:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgelm.compress.quant.modules import QuantizedEmbedding, QuantizedLinear
-from edgelm.compress.recipe import Step, reference_model, replace_module, target_modules
+from edgelm.compress.recipe import Step, progress, reference_model, replace_module, target_modules
 from edgelm.errors import RecipeError
 
 __all__ = ["SVD", "LoRC", "LowRankLinear", "LoRCLinear", "LoRCEmbedding", "truncated_factors", "rank_for_energy"]
@@ -166,7 +166,7 @@ class SVD(Step):
         return rank
 
     def apply(self, model: nn.Module, calibration: Any = None) -> nn.Module:
-        for name, module in target_modules(model, embedding=False, ignore=self.ignore):
+        for name, module in progress(target_modules(model, embedding=False, ignore=self.ignore), "svd", "tensor"):
             u, s, vh = _svd(module.weight)
             rank = self.rank_for(s, module.out_features, module.in_features)
             if rank is None:
@@ -201,7 +201,7 @@ class LoRC(Step):
                   if isinstance(module, kinds) and not any(fnmatch.fnmatchcase(name, p) for p in self.ignore)]
         if not picked:
             raise RecipeError("lorc found no quantized layers: put it after a quantization step, e.g. [rtn, lorc]")
-        for name, module in picked:
+        for name, module in progress(picked, "lorc", "tensor"):
             quantized_weight = module.weight_q.dequantize()
             before = reference.get_submodule(name)
             if not isinstance(before, (nn.Linear, nn.Embedding)):

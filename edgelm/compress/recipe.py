@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import difflib
 import fnmatch
+import sys
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, fields
@@ -125,6 +126,14 @@ def reference_model(model: nn.Module, step: str) -> nn.Module:
         raise RecipeError(f"{step} compares with the uncompressed model: run it through compress() with the "
                           "quantization steps in the same recipe, e.g. [rtn, {step}]")
     return reference
+
+
+# -- shared by the steps ------------------------------------------------------------------------------------
+def progress(items, desc: str, unit: str):
+    """A progress bar on stderr over the items of a long compression step (stdout stays for results)."""
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit=unit, file=sys.stderr)
 
 
 # -- module selection, shared by the steps -----------------------------------------------------------------

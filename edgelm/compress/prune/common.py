@@ -16,7 +16,7 @@ from torch import nn
 
 from edgelm.compress.calibration import BlockRunner, SharedGram, capture_inputs, linear_layers
 from edgelm.compress.prune.masks import SparsityPattern, parse_sparsity
-from edgelm.compress.recipe import Step, target_modules
+from edgelm.compress.recipe import Step, progress, target_modules
 from edgelm.errors import RecipeError
 
 
@@ -82,12 +82,12 @@ class InputStatistics(Protocol):
 
 def prune_blocks_sequentially(model: nn.Module, calibration: Any, targets: list[tuple[str, nn.Linear]],
                               new_statistics: Callable[[nn.Linear], InputStatistics],
-                              prune_layer: Callable[[nn.Linear, InputStatistics], None]) -> None:
+                              prune_layer: Callable[[nn.Linear, InputStatistics], None], desc: str) -> None:
     """Block by block: observe the inputs of the block's target linears on the calibration data, prune
     them, then pass the *pruned* block's outputs on, so later blocks adapt to the earlier pruning."""
     wanted = {id(module) for _, module in targets}
     runner = BlockRunner(model, calibration)
-    for i, block in enumerate(model.layers):
+    for i, block in enumerate(progress(model.layers, desc, "block")):
         layers = {name: m for name, m in linear_layers(block).items() if id(m) in wanted}
         statistics = {name: new_statistics(m) for name, m in layers.items()}
         with capture_inputs(layers, SharedGram(statistics).observe):

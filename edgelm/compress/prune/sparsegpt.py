@@ -119,5 +119,6 @@ class SparseGPT(PruneStep):
             pruned = sparsegpt_prune(layer.weight, inputs.hessian(), pattern, self.damp, self.block_size)
             write_weight(layer, pruned)
 
-        prune_blocks_sequentially(model, calibration, self.targets(model), InputHessian, prune_layer)
+        prune_blocks_sequentially(model, calibration, self.targets(model), InputHessian, prune_layer,
+                                  "sparsegpt")
         return model

@@ -15,7 +15,6 @@ Every block keeps the same width (the architectures take one FFN width and one h
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 from edgelm.compress.calibration import BlockRunner, capture_inputs
-from edgelm.compress.recipe import Step
+from edgelm.compress.recipe import Step, progress
 from edgelm.errors import RecipeError
 
 
@@ -69,12 +68,10 @@ class Importance:
 
 @torch.inference_mode()
 def importance(model: nn.Module, calibration: Any) -> Importance:
-    from tqdm import tqdm
-
     args = model.args
     runner = BlockRunner(model, calibration)
     channels, heads, influence = [], [], []
-    for i, block in enumerate(tqdm(model.layers, desc="importance", unit="block", file=sys.stderr)):
+    for i, block in enumerate(progress(model.layers, "importance", "block")):
         power = {"wo": torch.zeros(block.attn.wo.in_features), "w_down": torch.zeros(block.ffn.w_down.in_features)}
 
         def observe(name: str, x: torch.Tensor) -> None:

@@ -47,5 +47,5 @@ class Wanda(PruneStep):
         def prune_layer(layer: nn.Linear, inputs: InputNorms) -> None:
             write_weight(layer, wanda_prune(layer.weight, inputs.norms(), pattern))
 
-        prune_blocks_sequentially(model, calibration, self.targets(model), InputNorms, prune_layer)
+        prune_blocks_sequentially(model, calibration, self.targets(model), InputNorms, prune_layer, "wanda")
         return model

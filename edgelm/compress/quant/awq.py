@@ -18,7 +18,6 @@ model (`AWQ`).
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -29,7 +28,7 @@ from edgelm.compress.calibration import BlockRunner, Calibration, capture_inputs
 from edgelm.compress.quant.modules import PackedWeight
 from edgelm.compress.quant.primitives import QuantScheme, compute_params, fake_quantize, grouped, quantize
 from edgelm.compress.quant.rtn import QuantStep, rtn_quantize_weight, swap_in_quantized
-from edgelm.compress.recipe import target_modules
+from edgelm.compress.recipe import progress, target_modules
 from edgelm.errors import RecipeError
 from edgelm.models.base import RMSNorm
 
@@ -241,13 +240,11 @@ class AWQ(QuantStep):
 
     # -- walking the model --------------------------------------------------------------------------------
     def _walk(self, model: nn.Module, calibration: Calibration, quantize_weights: bool) -> None:
-        from tqdm import tqdm
-
         # Module identity -> its name in the model, for everything to quantize.
         targets = {id(m): name for name, m in target_modules(model, embedding=self.embedding, ignore=self.ignore)}
         keep_fraction = min(1.0, SEARCH_TOKENS / max(calibration.tokens.numel(), 1))
         runner = BlockRunner(model, calibration, batch_size=self.batch_size)
-        for i, block in enumerate(tqdm(model.layers, desc="awq", unit="block", file=sys.stderr)):
+        for i, block in enumerate(progress(model.layers, "awq", "block")):
             groups = scaling_groups(block)
             stats = self._observe_block(runner, i, block, groups, keep_fraction)
             for group in groups:

@@ -17,7 +17,6 @@ The math (`gptq_quantize`) is kept apart from the glue that walks the model (`GP
 
 from __future__ import annotations
 
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -29,7 +28,7 @@ from edgelm.compress.calibration import BlockRunner, SharedGram, capture_inputs,
 from edgelm.compress.quant.modules import LowRankRows, PackedWeight, RowTieredWeight
 from edgelm.compress.quant.primitives import LowRankFormat, QuantScheme, compute_params, nearest_codes
 from edgelm.compress.quant.rtn import QuantStep, rtn_quantize_weight, swap_in_quantized
-from edgelm.compress.recipe import target_modules
+from edgelm.compress.recipe import progress, target_modules
 from edgelm.errors import RecipeError
 
 
@@ -215,8 +214,6 @@ def gptq_model(model: nn.Module, calibration: Any, schemes: dict[str, QuantSchem
     """GPTQ on every module named in `schemes`, each with its own scheme (mixed precision uses this), block by
     block: each block's Hessians are measured on the outputs of the already-quantized blocks before it.
     The embedding's entry may instead be a row-tier plan, [(rows, scheme or packed part), ...]."""
-    from tqdm import tqdm
-
     def quantize(module: nn.Module, hessian: torch.Tensor, scheme: QuantScheme):
         return gptq_quantize(module.weight, hessian, scheme, damp=damp, block_size=block_size,
                              act_order=act_order).packed(scheme)
@@ -224,7 +221,7 @@ def gptq_model(model: nn.Module, calibration: Any, schemes: dict[str, QuantSchem
     modules = dict(model.named_modules())
     targets = {id(modules[name]): name for name in schemes}  # module identity -> its name in the model
     runner = BlockRunner(model, calibration, batch_size=batch_size)
-    for i, block in enumerate(tqdm(model.layers, desc="gptq", unit="block", file=sys.stderr)):
+    for i, block in enumerate(progress(model.layers, "gptq", "block")):
         layers = {name: m for name, m in linear_layers(block).items() if id(m) in targets}
         hessians = {name: InputHessian(m.in_features) for name, m in layers.items()}
         with capture_inputs(layers, SharedGram(hessians).observe):  # q/k/v and gate/up share one XᵀX

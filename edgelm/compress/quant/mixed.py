@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import sys
 from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar
 
@@ -30,7 +29,7 @@ from edgelm.compress.quant.modules import LowRankRows, PackedWeight
 from edgelm.compress.quant.primitives import LowRankFormat, QuantScheme, fake_quantize
 from edgelm.compress.quant.rtn import rtn_quantize_weight, swap_in_quantized
 from edgelm.compress.quant.source import SourceGrids
-from edgelm.compress.recipe import Step, target_modules
+from edgelm.compress.recipe import Step, progress, target_modules
 from edgelm.errors import RecipeError
 
 # (bits, group size, fitted grid). 1-bit rows are for the rarest tiers of the embedding: at ~3 bpw and below,
@@ -193,7 +192,7 @@ class MixedPrecision(Step):
         tiers = {key: slot for key, slot in slots.items() if slot.rows is not None}
         plain = [key for key in slots if key not in tiers]
         options = {key: candidates(slots[key].weight(weights), channel_power.get(slots[key].module), formats)
-                   for key in _progress(plain, "error per format")}
+                   for key in progress(plain, "error per format", "tensor")}
         if calibration is not None:
             options = scale_by_kl(model, modules, weights, channel_power, slots, options, calibration)
         head_hessian = None  # the metric of low-rank tiers: the output's, when the embedding is also the output
@@ -233,12 +232,6 @@ class MixedPrecision(Step):
 
 
 _last_analysis: tuple[str, tuple] | None = None  # (key, MixedPrecision.analyze's result)
-
-
-def _progress(items, desc: str, unit: str = "tensor"):
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, unit=unit, file=sys.stderr)
 
 
 @dataclass(frozen=True)
@@ -297,7 +290,7 @@ def scale_by_kl(model, modules, weights, channel_power, slots, options, calibrat
     positions = slice(tokens.shape[1] // 2, None)  # later positions: full context, and fewer logits to compute
     reference = torch.log_softmax(model(tokens, logits_at=positions).float(), -1)
     scaled = {}
-    for key in _progress(list(options), "sensitivity"):
+    for key in progress(list(options), "sensitivity", "tensor"):
         slot = slots[key]
         module, full, weight = modules[slot.module], weights[slot.module], slot.weight(weights)
         group = next(g for g in (64, 32, 128) if weight.shape[1] % g == 0)
@@ -369,7 +362,7 @@ def tier_candidates(model, weights, tiers: dict[str, Slot], head_inputs: torch.T
     vocab = full.shape[0]
     result = {}
     first = 0
-    for key, slot in _progress(tiers.items(), "embedding tiers", unit="tier"):
+    for key, slot in progress(tiers.items(), "embedding tiers", "tier"):
         n_rows = slot.rows.numel()
         zipf = math.log((first + n_rows + 0.5) / (first + 0.5)) / math.log(vocab + 0.5)
         first += n_rows
@@ -566,7 +559,7 @@ def input_channel_power(model: nn.Module, modules: dict[str, nn.Module],
     runner = BlockRunner(model, calibration)
     linears = {name: m for name, m in modules.items() if isinstance(m, nn.Linear)}
     with capture_inputs(linears, observe):
-        for i in _progress(range(len(model.layers)), "input statistics", unit="block"):
+        for i in progress(range(len(model.layers)), "input statistics", "block"):
             runner.advance(i)
         head_inputs = runner.final_hidden()
     power = {name: sums[name] / counts[name] for name in sums}

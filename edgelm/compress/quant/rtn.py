@@ -10,7 +10,7 @@ from torch import nn
 
 from edgelm.compress.quant.modules import PackedWeight, QuantizedEmbedding, QuantizedLinear
 from edgelm.compress.quant.primitives import QuantScheme, compute_params, quantize
-from edgelm.compress.recipe import Step, replace_module, target_modules
+from edgelm.compress.recipe import Step, progress, replace_module, target_modules
 from edgelm.errors import RecipeError
 
 
@@ -58,6 +58,7 @@ class RTN(QuantStep):
     name: ClassVar[str] = "rtn"
 
     def apply(self, model: nn.Module, calibration: Any = None) -> nn.Module:
-        for name, module in target_modules(model, embedding=self.embedding, ignore=self.ignore):
+        for name, module in progress(target_modules(model, embedding=self.embedding, ignore=self.ignore),
+                                     self.name, "tensor"):
             swap_in_quantized(model, name, module, rtn_quantize_weight(module.weight, self.scheme))
         return model
