@@ -30,6 +30,7 @@ DATA = ROOT.parent / "shared" / "data"
 # edgelm's rungs: name -> recipe (the same YAML-like lists `edgelm compress --recipe` reads).
 EDGELM_RUNGS: dict[str, list[dict]] = {
     "source": [{"source": {}}],  # the file's own grids, lossless
+    "rtn-8": [{"rtn": {"bits": 8, "group_size": 128}}],  # the ~8 bpw rung: plain 8-bit, every tensor
     "mixed-6": [{"mixed": {"target_bpw": 6.0}}],
     "mixed-5.5": [{"mixed": {"target_bpw": 5.5}}],
     "mixed-5": [{"mixed": {"target_bpw": 5.0}}],

@@ -72,3 +72,54 @@ def test_rungs_run_in_the_order_asked():
     ladder = _ladder_script()
     assert ladder.ordered_rungs(ladder.EDGELM_RUNGS, ["mixed-3", "source", "Q8_0"]) == ["mixed-3", "source"]
     assert ladder.ordered_rungs(ladder.EDGELM_RUNGS, None) == list(ladder.EDGELM_RUNGS)
+
+
+# -- the docs' ladder table against the measured records ------------------------------------------------------
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+DOCS_TABLE_HEADER = "| engine | rung ¹ | bits per weight | PPL@40 | PPL, all 576 |"
+
+
+def bpw_text(bpw: float) -> str:
+    return "32" if bpw == 32 else f"{bpw:.2f}"
+
+
+def ppl_text(ppl: float) -> str:
+    """How the docs table writes a PPL on the first 40 chunks."""
+    return f"{ppl:.3f}" if ppl < 100 else f"{ppl:.1f}" if ppl < 1000 else f"{ppl:.0f}"
+
+
+def ppl_all_text(ppl: float) -> str:
+    return f"{ppl:.4f}" if ppl < 100 else f"{ppl:.2f}"
+
+
+def docs_ladder_rows(text: str) -> list[dict]:
+    """The rows of docs/compression.md's ladder table: engine, bpw, PPL@40 and PPL-all cells (bold removed),
+    with their line numbers."""
+    lines = text.split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith(DOCS_TABLE_HEADER))
+    rows = []
+    for i in range(start + 2, len(lines)):
+        if not lines[i].startswith("|"):
+            break
+        cells = [c.strip().replace("**", "") for c in lines[i].split("|")[1:-1]]
+        rows.append({"line": i, "engine": cells[0], "bpw": cells[2], "ppl": cells[3], "ppl_all": cells[4]})
+    return rows
+
+
+def test_docs_ladder_table_matches_the_records():
+    """Every measured rung is in docs/compression.md's table with the numbers of results.json (the table is
+    written by hand, with each rung's recipe; this keeps it from going stale as rungs are re-measured)."""
+    import json
+
+    records = json.loads((ROOT / "benchmarks" / "results" / "ladder" / "results.json").read_text())
+    rows = docs_ladder_rows((ROOT / "docs" / "compression.md").read_text())
+    for record in records:
+        where = f"{record['engine']} {record['name']}"
+        matches = [row for row in rows if row["engine"] == record["engine"] and row["bpw"] == bpw_text(record["bpw"])
+                   and row["ppl"] == ppl_text(record["ppl"])]
+        assert len(matches) == 1, f"{where}: no docs row with bpw {bpw_text(record['bpw'])}, PPL@40 {ppl_text(record['ppl'])}"
+        cell = matches[0]["ppl_all"]
+        if "(" in cell:  # a number from elsewhere, with its origin in parentheses
+            continue
+        assert cell == (ppl_all_text(record["ppl_all"]) if record.get("ppl_all") else ""), where
+    assert len(rows) == len(records), "a docs row has no record in results.json"
