@@ -112,7 +112,8 @@ def test_cli_help_does_not_import_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip().endswith("False"), out.stdout + out.stderr
-    for command in ("generate", "chat", "perplexity", "bench", "quantize", "compress", "eval"):
+    for command in ("generate", "chat", "perplexity", "bench", "quantize", "compress", "eval", "prune", "distill",
+                    "export", "pull", "models"):
         code = ("import sys\nfrom edgelm.cli import main\ntry:\n    main(['" + command + "', '--help'])\n"
                 "except SystemExit:\n    pass\nprint('torch' in sys.modules)")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
