@@ -214,3 +214,22 @@ def test_model_directory_against_its_source_gguf(tmp_path):
     path.unlink()  # the source moved away: say how to name the GGUF to compare with
     with pytest.raises(BenchmarkError, match="--llama-cpp-model"):
         run_benchmark(str(out), prompt_tokens=16, gen_tokens=4, reps=1, vs_llama_cpp=True, progress=False)
+
+
+def test_any_precision_directory_at_chosen_bits(tmp_path):
+    """--bits benchmarks an any-precision directory at that precision (on the PyTorch models, which hold the
+    bit planes); on a GGUF or out of the stored range it is a one-line error."""
+    tiny_gguf = pytest.importorskip("tests.tiny_gguf")
+    path = tiny_gguf.write_tiny_model(tmp_path / "tiny.gguf", tiny_gguf.TinyConfig(arch="qwen2"))
+    out = tmp_path / "ap"
+    assert main(["quantize", "-m", str(path), "--method", "anyprec", "--group-size", "32", "-o", str(out)]) == 0
+    report = run_benchmark(str(out), prompt_tokens=8, gen_tokens=2, threads=1, reps=1, bits=3, progress=False)
+    data = report.to_dict()
+    assert data["model"].endswith("at 3 bits")
+    run = data["engines"][EDGELM]["runs"][0]
+    assert run["runtime"] == "pytorch"
+    assert_positive_numbers(run)
+    with pytest.raises(BenchmarkError, match="any-precision model directory"):
+        run_benchmark(str(path), prompt_tokens=8, gen_tokens=2, reps=1, bits=3, progress=False)
+    with pytest.raises(BenchmarkError, match="choose --bits in that range"):
+        run_benchmark(str(out), prompt_tokens=8, gen_tokens=2, reps=1, bits=9, progress=False)

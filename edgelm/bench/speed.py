@@ -191,10 +191,11 @@ class BenchReport:
 
 def run_benchmark(model: str, prompt_tokens: int = 512, gen_tokens: int = 128, threads: int | None = None,
                   reps: int = 3, vs_llama_cpp: bool = False, progress: bool = True,
-                  llama_cpp_model: str | None = None, kv_bits: int = 16) -> BenchReport:
+                  llama_cpp_model: str | None = None, kv_bits: int = 16, bits: int | None = None) -> BenchReport:
     """Benchmark a registry model, GGUF path or edgelm model directory; with vs_llama_cpp, alternate with
     llama.cpp per rep — on the same GGUF, or for a directory on `llama_cpp_model` (default: its source).
-    `kv_bits` is edgelm's KV cache (16: float16, as llama.cpp's default cache, which it keeps)."""
+    `kv_bits` is edgelm's KV cache (16: float16, as llama.cpp's default cache, which it keeps); `bits` the
+    precision an any-precision directory runs at (default: as saved)."""
     counts = {"-p/--prompt-tokens": prompt_tokens, "-n/--gen-tokens": gen_tokens, "--reps": reps}
     if threads is not None:
         counts["--threads"] = threads
@@ -207,6 +208,9 @@ def run_benchmark(model: str, prompt_tokens: int = 512, gen_tokens: int = 128, t
     from edgelm.registry import resolve
 
     path = resolve(model)
+    if bits is not None and not path.is_dir():
+        raise BenchmarkError(f"{path}: --bits selects a precision of an any-precision model directory; make one "
+                             "with `edgelm quantize --method anyprec -o DIR`")
     metadata, model_context, source = model_facts(path)
     context = max(prompt_tokens + gen_tokens, TTFT_PROMPT_TOKENS + 1)  # +1: the warm-up decode step
     if context > model_context:
@@ -221,10 +225,12 @@ def run_benchmark(model: str, prompt_tokens: int = 512, gen_tokens: int = 128, t
     tokens = benchmark_prompt(metadata, max(prompt_tokens, TTFT_PROMPT_TOKENS))
     threads = threads or usable_cpus()
     job = {"model_path": str(path), "prompt": tokens[:prompt_tokens], "ttft_prompt": tokens[:TTFT_PROMPT_TOKENS],
-           "gen_tokens": gen_tokens, "threads": threads, "context": context, "kv_bits": kv_bits}
+           "gen_tokens": gen_tokens, "threads": threads, "context": context, "kv_bits": kv_bits, "bits": bits}
     model_paths = {EDGELM: str(path), LLAMA_CPP: str(llama_path)}
 
     display_name = Path(model).stem if Path(model).suffix == ".gguf" else model
+    if bits is not None:
+        display_name += f" at {bits} bits"
     report = BenchReport(display_name, str(path), prompt_tokens, gen_tokens, threads, reps)
     engines = [EDGELM, LLAMA_CPP] if vs_llama_cpp else [EDGELM]
     for rep in range(1, reps + 1):
@@ -305,10 +311,10 @@ class _EdgelmRunner:
     """edgelm: a model directory in the plane layout on its kernels-only runtime (PyTorch is never imported),
     anything else (GGUF files, float or low-rank layers) on its PyTorch models."""
 
-    def __init__(self, model_path: str, threads: int, context: int, kv_bits: int):
+    def __init__(self, model_path: str, threads: int, context: int, kv_bits: int, bits: int | None = None):
         from edgelm.runtime.engine import KernelEngine, unsupported_reason
 
-        if unsupported_reason(model_path) is None:
+        if bits is None and unsupported_reason(model_path) is None:
             self.runtime = "kernels"
             self.model = KernelEngine.load(model_path, threads=threads)
         else:
@@ -318,7 +324,7 @@ class _EdgelmRunner:
 
             self.runtime = "pytorch"
             torch.set_num_threads(threads)
-            self.model, _ = edgelm.load(model_path, pull=False, keep_quantized=True)
+            self.model, _ = edgelm.load(model_path, pull=False, keep_quantized=True, bits=bits)
         self.model.set_kv_bits(kv_bits)
         # llama.cpp allocates its KV cache while loading; the static cache here is reused by every phase.
         self.model.setup_caches(context)
@@ -356,10 +362,10 @@ class _EdgelmRunner:
 class _LlamaCppRunner:
     runtime = LLAMA_CPP
 
-    def __init__(self, model_path: str, threads: int, context: int, kv_bits: int):
+    def __init__(self, model_path: str, threads: int, context: int, kv_bits: int, bits: int | None = None):
         import llama_cpp
 
-        del kv_bits  # llama.cpp keeps its default float16 cache
+        del kv_bits, bits  # llama.cpp keeps its default float16 cache; --bits is edgelm's any-precision choice
         self.model_path = model_path
         self.llm = llama_cpp.Llama(model_path=model_path, n_ctx=context, n_batch=LLAMA_CPP_BATCH,
                                    n_threads=threads, n_threads_batch=threads, logits_all=False,
@@ -394,7 +400,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     """Load one engine and time it (the worker's work); returns the fields of a Run it measures."""
     start = time.perf_counter()  # import + load: the runners import their engine
     runner_class = {EDGELM: _EdgelmRunner, LLAMA_CPP: _LlamaCppRunner}[job["engine"]]
-    runner = runner_class(job["model_path"], job["threads"], job["context"], job["kv_bits"])
+    runner = runner_class(job["model_path"], job["threads"], job["context"], job["kv_bits"], job.get("bits"))
     load_s = time.perf_counter() - start
 
     runner.prefill(job["ttft_prompt"])  # warm-up

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from edgelm.commands.common import add_kv_bits_argument, add_model_argument, add_threads_argument
+from edgelm.commands.common import (add_kv_bits_argument, add_model_argument, add_precision_argument,
+                                    add_threads_argument)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
+    add_precision_argument(parser)
     parser.add_argument("-p", "--prompt-tokens", type=int, default=512,
                         help="prompt length for prompt processing speed (default: 512)")
     parser.add_argument("-n", "--gen-tokens", type=int, default=128,
@@ -33,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     report = run_benchmark(args.model, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
                            threads=args.threads, reps=args.reps, vs_llama_cpp=args.vs_llama_cpp,
-                           llama_cpp_model=args.llama_cpp_model, kv_bits=args.kv_bits)
+                           llama_cpp_model=args.llama_cpp_model, kv_bits=args.kv_bits, bits=args.bits)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     elif args.brief:
