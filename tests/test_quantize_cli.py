@@ -41,6 +41,26 @@ def test_quantize_eval_generate(tiny, tmp_path):
     assert done.returncode == 0, done.stderr
 
 
+def test_evaluating_on_the_calibration_text_warns(tiny, tmp_path):
+    """The directory records what it was calibrated on (by content); scoring it on that text says so."""
+    calib, held_out = tmp_path / "calib.txt", tmp_path / "held_out.txt"
+    calib.write_bytes(b"the quick brown fox jumps over the lazy dog, again and again.\n" * 40)
+    held_out.write_bytes(b"a different text about other things entirely, for scoring.\n" * 40)
+    out = tmp_path / "gptq"
+    done = edgelm_cli("quantize", "-m", tiny, "--method", "gptq", "--bits", "4", "--group-size", "32",
+                      "--calib", calib, "--calib-samples", "4", "--calib-seq-len", "32", "-o", out)
+    assert done.returncode == 0, done.stderr
+    [record] = json.loads((out / "config.json").read_text())["calibration"]
+    assert record["source"] == str(calib) and (record["samples"], record["seq_len"]) == (4, 32)
+    copy = tmp_path / "renamed.txt"  # the same text under another name is still the same text
+    copy.write_bytes(calib.read_bytes())
+    for text, warned in ((copy, True), (held_out, False)):
+        for command in ("perplexity", "eval"):
+            done = edgelm_cli(command, "-m", out, "-f", text, "--ctx", "32", "--chunks", "1")
+            assert done.returncode == 0, done.stderr
+            assert ("calibrated on" in done.stderr) == warned, (command, text, done.stderr)
+
+
 def test_kld_is_zero_against_itself(tiny):
     model, tokenizer = edgelm.load(tiny)
     tokens = torch.randint(3, model.args.vocab_size, (64,)).tolist()

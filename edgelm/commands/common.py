@@ -114,6 +114,19 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens per window (default: 512 from a file, 128 generated)")
 
 
+def warn_if_calibrated_on(model, text_file: str) -> None:
+    """A model scored on the very text it was calibrated on looks better than it is: say so on stderr."""
+    import hashlib
+    from pathlib import Path
+
+    records = getattr(model, "artifact_config", {}).get("calibration", [])
+    digests = {r.get("sha256") for r in records} - {None}
+    path = Path(text_file)
+    if digests and path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() in digests:
+        print(f"edgelm: warning: {text_file} is the text this model was calibrated on, so its scores here flatter "
+              "it; evaluate on held-out text", file=sys.stderr)
+
+
 def add_training_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto",
                         help="where the training steps (distill, distill_weights, distill_blackbox, qat) run "
@@ -153,10 +166,11 @@ def compress_and_save(args: argparse.Namespace, steps, reference_name: str | Non
     calibration = calibration_for(args, model, tokenizer) if any(s.needs_calibration for s in steps) else None
     reference = edgelm.load(reference_name)[0] if reference_name else None
     source = getattr(model, "source", None)
-    recipe = [*(model.artifact_config.get("recipe", []) if hasattr(model, "artifact_config") else []),
-              *(s.to_dict() for s in steps)]
+    earlier = getattr(model, "artifact_config", {})
+    recipe = [*earlier.get("recipe", []), *(s.to_dict() for s in steps)]
+    calibrated_on = [*earlier.get("calibration", []), *([calibration.record()] if calibration is not None else [])]
     model = compress(model, steps, calibration, reference=reference, device=device)  # may be a new (smaller) model
-    out = save_artifact(model, tokenizer, args.output, recipe=recipe, source=source)
+    out = save_artifact(model, tokenizer, args.output, recipe=recipe, source=source, calibration=calibrated_on)
     stats = model_size(model)
     print(f"{out}: {stats['parameters'] / 1e6:.1f}M weights in {stats['bytes'] / 1e6:.1f} MB "
           f"({stats['bits_per_weight']:.2f} bits per weight)")

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from edgelm.commands.common import (add_model_argument, add_precision_argument, add_threads_argument, load_model,
-                                    set_threads)
+                                    set_threads, warn_if_calibrated_on)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     set_threads(args.threads)
     model, tokenizer = load_model(args)
+    warn_if_calibrated_on(model, args.file)
     reference_name = args.reference or getattr(model, "source", None)
     if reference_name is None:
         raise EdgelmError(f"{args.model} records no source model; pass --reference MODEL")

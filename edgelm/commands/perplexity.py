@@ -6,7 +6,7 @@ import argparse
 import json
 
 from edgelm.commands.common import (add_kv_bits_argument, add_model_argument, add_precision_argument,
-                                    add_threads_argument, load_model, set_threads)
+                                    add_threads_argument, load_model, set_threads, warn_if_calibrated_on)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
 
     set_threads(args.threads)
     model, tokenizer = load_model(args)
+    warn_if_calibrated_on(model, args.file)
     model.set_kv_bits(args.kv_bits)
     result = perplexity_of_file(model, tokenizer, args.file, ctx=args.ctx, chunks=args.chunks,
                                 progress=not args.json)

@@ -10,6 +10,7 @@ next one — the sequential scheme GPTQ and AWQ use.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,10 +29,16 @@ class Calibration:
 
     tokens: torch.Tensor
     source: str
+    sha256: str | None = None  # of the calibration file's bytes (None: self-generated)
 
     @property
     def n_samples(self) -> int:
         return self.tokens.shape[0]
+
+    def record(self) -> dict:
+        """What a model directory keeps about its calibration (so evaluation can refuse to flatter it)."""
+        return {"source": self.source, "sha256": self.sha256, "samples": self.n_samples,
+                "seq_len": int(self.tokens.shape[1])}
 
 
 def calibration_from_file(tokenizer, path: str | Path, n_samples: int = 64, seq_len: int = 512,
@@ -40,7 +47,8 @@ def calibration_from_file(tokenizer, path: str | Path, n_samples: int = 64, seq_
     path = Path(path)
     if not path.is_file():
         raise EdgelmError(f"{path}: calibration file not found; pass a text file with --calib")
-    ids = tokenizer.encode(path.read_bytes(), add_bos=False)
+    data = path.read_bytes()
+    ids = tokenizer.encode(data, add_bos=False)
     body = seq_len - 1 if tokenizer.add_bos else seq_len
     if len(ids) < body + 1:
         raise EdgelmError(f"{path}: {len(ids)} tokens, fewer than one calibration window of {seq_len}; "
@@ -48,7 +56,7 @@ def calibration_from_file(tokenizer, path: str | Path, n_samples: int = 64, seq_
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(ids) - body, (n_samples,), generator=generator).tolist()
     rows = [([tokenizer.bos_id] if tokenizer.add_bos else []) + ids[s:s + body] for s in starts]
-    return Calibration(torch.tensor(rows, dtype=torch.long), str(path))
+    return Calibration(torch.tensor(rows, dtype=torch.long), str(path), hashlib.sha256(data).hexdigest())
 
 
 @torch.inference_mode()

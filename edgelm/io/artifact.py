@@ -34,8 +34,10 @@ def is_artifact(path: str | os.PathLike[str]) -> bool:
 
 
 def save_artifact(model: nn.Module, tokenizer, out_dir: str | os.PathLike[str], *,
-                  recipe: list[dict[str, Any]] | None = None, source: str | None = None) -> Path:
-    """Write model + tokenizer to out_dir atomically; an existing artifact there is replaced."""
+                  recipe: list[dict[str, Any]] | None = None, source: str | None = None,
+                  calibration: list[dict[str, Any]] | None = None) -> Path:
+    """Write model + tokenizer to out_dir atomically; an existing artifact there is replaced. `calibration`:
+    the texts the recipe calibrated on (Calibration.record()), oldest first."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -51,6 +53,7 @@ def save_artifact(model: nn.Module, tokenizer, out_dir: str | os.PathLike[str], 
         "quantized_modules": module_layout(model),
         "recipe": recipe or [],
         "source": source or getattr(model, "source", None),
+        "calibration": calibration or [],
         "stats": model_size(model),
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
