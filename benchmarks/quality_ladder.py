@@ -149,7 +149,8 @@ def run_edgelm(args, results: Results, base, tokenizer) -> None:
         if saved:  # e.g. to benchmark a rung's speed: edgelm bench -m DIR/NAME --vs-llama-cpp
             from edgelm.io.artifact import save_artifact
 
-            save_artifact(model, tokenizer, saved, recipe=recipe, source=base.source)
+            save_artifact(model, tokenizer, saved, recipe=recipe, source=base.source,
+                          calibration=[calibration.record()])
         del model
 
 

@@ -62,7 +62,11 @@ def _set_bits(model, bits: int, path: Path) -> None:
         raise ModelFormatError(f"{path}: not an any-precision model, so --bits does not apply; make one with "
                                "`edgelm quantize --method anyprec -o DIR`")
     highest = min(m.weight_ap.max_bits for m in layers)
-    if not 2 <= bits <= highest:
-        raise ModelFormatError(f"{path}: holds 2 to {highest} bits per weight, not {bits}; choose --bits in that range")
+    # The recipe's min_bits: the lowest precision the directory was made to offer.
+    lowest = max([2] + [step["anyprec"].get("min_bits", 2) for step in getattr(model, "artifact_config", {}).get(
+        "recipe", []) if isinstance(step, dict) and "anyprec" in step])
+    if not lowest <= bits <= highest:
+        raise ModelFormatError(f"{path}: holds {lowest} to {highest} bits per weight, not {bits}; choose --bits in "
+                               "that range")
     for layer in layers:
         layer.set_bits(bits)

@@ -210,13 +210,18 @@ def _record_sha256(path: Path, sha256: str) -> None:
     _sidecar(path).write_text(json.dumps({"sha256": sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}))
 
 
-def _hash_and_record(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         while block := file.read(_READ_BLOCK):
             digest.update(block)
-    _record_sha256(path, digest.hexdigest())
     return digest.hexdigest()
+
+
+def _hash_and_record(path: Path) -> str:
+    digest = file_sha256(path)
+    _record_sha256(path, digest)
+    return digest
 
 
 # -- pulling --------------------------------------------------------------------------------------------------

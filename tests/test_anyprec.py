@@ -84,6 +84,11 @@ def test_model_directory_holds_every_precision(tmp_path):
     assert not torch.equal(outputs[3], outputs[8])
     with pytest.raises(ModelFormatError, match="holds 2 to 8 bits"):
         edgelm.load(out, bits=9)
+    # Written with its recipe (as the commands do), the directory offers min_bits and up only.
+    step = AnyPrecision(max_bits=8, min_bits=3, bits=4, group_size=32)
+    with_recipe = save_artifact(model, tokenizer, tmp_path / "ap-recipe", recipe=[step.to_dict()])
+    with pytest.raises(ModelFormatError, match="holds 3 to 8 bits per weight, not 2"):
+        edgelm.load(with_recipe, bits=2)
     with pytest.raises(ModelFormatError, match="not an any-precision model"):
         edgelm.load(save_artifact(edgelm.load(path)[0], tokenizer, tmp_path / "plain"), bits=4)
     text = tmp_path / "text.txt"

@@ -229,6 +229,9 @@ def test_any_precision_directory_at_chosen_bits(tmp_path):
     run = data["engines"][EDGELM]["runs"][0]
     assert run["runtime"] == "pytorch"
     assert_positive_numbers(run)
+    at_8 = run_benchmark(str(out), prompt_tokens=8, gen_tokens=2, threads=1, reps=1, bits=8, progress=False)
+    # A token reads the n-bit copy the layers compute with, not the store of every precision.
+    assert run["bytes_per_token"] < 0.6 * at_8.to_dict()["engines"][EDGELM]["runs"][0]["bytes_per_token"]
     with pytest.raises(BenchmarkError, match="any-precision model directory"):
         run_benchmark(str(path), prompt_tokens=8, gen_tokens=2, reps=1, bits=3, progress=False)
     with pytest.raises(BenchmarkError, match="choose --bits in that range"):

@@ -102,8 +102,10 @@ def test_black_box_distillation_learns_the_teachers_text(tmp_path):
 
 def test_training_device_is_only_a_place_to_run(tmp_path):
     """`device` moves only the training loop: on the CPU it gives the same model as no device, and the
-    context it was passed in does not stay on the result. A GPU that is asked for but absent is a one-line
-    error from the CLI."""
+    context it was passed in does not stay on the result. Packed layers, which compute on the CPU only, are
+    refused before anything moves; a GPU that is asked for but absent is a one-line error."""
+    from edgelm.compress.distill import on_training_device
+    from edgelm.errors import DeviceError
     import subprocess
     import sys
 
@@ -116,8 +118,17 @@ def test_training_device_is_only_a_place_to_run(tmp_path):
                                calibration, device=device))
         assert "compression_device" not in models[-1].__dict__
     assert torch.equal(models[0].layers[0].attn.wq.weight_q.scales, models[1].layers[0].attn.wq.weight_q.scales)
+    packed, teacher = models[0], edgelm.load(path)[0]
+    packed.__dict__["compression_device"] = "cuda"
+    with pytest.raises(RecipeError, match="are packed, and packed layers compute on the CPU only"):
+        with on_training_device(packed, teacher, "distill"):
+            pass
+    assert packed.layers[0].attn.wq.weight_q.scales.device.type == "cpu"
     if torch.cuda.is_available():
         return
+    with pytest.raises(DeviceError, match="sees no CUDA GPU"):
+        compress(teacher, [RTN(bits=4, group_size=32), DistillScales(steps=1, seq_len=16)], calibration,
+                 device="cuda")
     done = subprocess.run([sys.executable, "-m", "edgelm", "distill", "-m", str(path), "--teacher", str(path),
                            "--steps", "1", "--device", "cuda", "-o", str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=300)

@@ -102,8 +102,20 @@ def docs_ladder_rows(text: str) -> list[dict]:
         if not lines[i].startswith("|"):
             break
         cells = [c.strip().replace("**", "") for c in lines[i].split("|")[1:-1]]
-        rows.append({"line": i, "engine": cells[0], "bpw": cells[2], "ppl": cells[3], "ppl_all": cells[4]})
+        rows.append({"line": i, "engine": cells[0], "rung": cells[1], "bpw": cells[2], "ppl": cells[3],
+                     "ppl_all": cells[4]})
     return rows
+
+
+def names_the_rung(cell: str, record: dict) -> bool:
+    """Whether a docs row's rung cell describes this record: an edgelm recipe names its steps' methods; a
+    llama.cpp rung its type, "+ imatrix" exactly when it used one and its token-embedding type."""
+    if record["engine"] == "edgelm":
+        return all(method in cell for step in record["recipe"] for method in step)
+    type_name, *extras = record["name"].split("+")
+    embedding = next((e[len("emb-"):] for e in extras if e.startswith("emb-")), None)
+    return (cell.split()[0].rstrip(",") == type_name and ("+ imatrix" in cell) == ("imat" in extras)
+            and (embedding is None or f"embedding {embedding}" in cell))
 
 
 def test_docs_ladder_table_matches_the_records():
@@ -116,7 +128,7 @@ def test_docs_ladder_table_matches_the_records():
     for record in records:
         where = f"{record['engine']} {record['name']}"
         matches = [row for row in rows if row["engine"] == record["engine"] and row["bpw"] == bpw_text(record["bpw"])
-                   and row["ppl"] == ppl_text(record["ppl"])]
+                   and row["ppl"] == ppl_text(record["ppl"]) and names_the_rung(row["rung"], record)]
         assert len(matches) == 1, f"{where}: no docs row with bpw {bpw_text(record['bpw'])}, PPL@40 {ppl_text(record['ppl'])}"
         cell = matches[0]["ppl_all"]
         if "(" in cell:  # a number from elsewhere, with its origin in parentheses

@@ -75,6 +75,8 @@ def test_kld_is_zero_against_itself(tiny):
     (["--method", "mixed"], "--method mixed needs --target-bpw"),
     (["--method", "anyprec", "--symmetric"], "--method anyprec does not take --symmetric"),
     (["--method", "rtn", "--target-bpw", "4"], "--method rtn does not take --target-bpw"),
+    (["--method", "mixed", "--target-bpw", "4", "--bits", "3"], "--method mixed does not take --bits"),
+    (["--method", "gptq", "--min-bits", "3"], "--method gptq does not take --min-bits"),
     (["--method", "anyprec", "--min-bits", "5", "--bits", "4"], "need 2 <= min_bits <= bits"),
     (["--calib-samples", "0", "--method", "gptq"], "--calib-samples must be a positive integer"),
     (["--calib-seq-len", "-3", "--method", "gptq"], "--calib-seq-len must be a positive integer"),

@@ -352,10 +352,19 @@ class _EdgelmRunner:
         if self.runtime == "kernels":
             total, embedding_bytes = model.weight_bytes, model.embedding_bytes
         else:
+            from edgelm.compress.quant.anyprec import AnyPrecisionLinear
             from edgelm.io.artifact import model_size
 
             total = int(model_size(model)["bytes"])
-            embedding_bytes = sum(t.numel() * t.element_size() for t in model.tok_embeddings.state_dict().values())
+            # An any-precision layer stores every precision but computes with the n-bit copy it derived: a
+            # token reads that copy, not the store.
+            for layer in (m for m in model.modules() if isinstance(m, AnyPrecisionLinear)):
+                total += layer.active.weight_q.storage_bytes - layer.storage_bytes
+            embedding = model.tok_embeddings
+            if isinstance(embedding, AnyPrecisionLinear):
+                embedding_bytes = embedding.active.weight_q.storage_bytes
+            else:
+                embedding_bytes = sum(t.numel() * t.element_size() for t in embedding.state_dict().values())
         return total, bytes_read_per_token(total, embedding_bytes, model.args.vocab_size, model.args.tie_embeddings)
 
 

@@ -43,10 +43,15 @@ def load_model(args: argparse.Namespace, *, for_inference: bool = False, kernels
     return edgelm.load(args.model, bits=bits, keep_quantized=for_inference)
 
 
-def add_device_argument(parser: argparse.ArgumentParser) -> None:
+def add_device_argument(parser: argparse.ArgumentParser, *, training: bool = False) -> None:
+    """--device: where the model runs (inference commands) or, with `training`, where compression runs the
+    training loops of float layers."""
+    what = ("where the training loops of float layers (distill_weights, qat) run; every other step, and training "
+            "packed layers' scales (distill, distill_blackbox), runs on the CPU" if training else
+            "where the model runs: cpu (packed weights on the compiled kernels), cuda or cuda:N (dense bfloat16 "
+            "weights on the GPU)")
     parser.add_argument("--device", default="cpu", metavar="DEVICE",
-                        help="where the model runs: cpu (packed weights on the compiled kernels), cuda or cuda:N "
-                             "(dense bfloat16 weights on the GPU), auto (cuda when there is one) (default: cpu)")
+                        help=f"{what}; auto: cuda when PyTorch sees a GPU (default: cpu)")
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
@@ -116,22 +121,16 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
 
 def warn_if_calibrated_on(model, text_file: str) -> None:
     """A model scored on the very text it was calibrated on looks better than it is: say so on stderr."""
-    import hashlib
     from pathlib import Path
+
+    from edgelm.registry import file_sha256
 
     records = getattr(model, "artifact_config", {}).get("calibration", [])
     digests = {r.get("sha256") for r in records} - {None}
     path = Path(text_file)
-    if digests and path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() in digests:
+    if digests and path.is_file() and file_sha256(path) in digests:
         print(f"edgelm: warning: {text_file} is the text this model was calibrated on, so its scores here flatter "
               "it; evaluate on held-out text", file=sys.stderr)
-
-
-def add_training_device_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto",
-                        help="where the training steps (distill, distill_weights, distill_blackbox, qat) run "
-                             "their loop: cpu, cuda, cuda:N or auto (a GPU when PyTorch sees one; default); "
-                             "the other steps run on the CPU")
 
 
 def calibration_for(args: argparse.Namespace, model, tokenizer):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from edgelm.commands.common import (add_calibration_arguments, add_model_argument, add_threads_argument,
-                                    add_training_device_argument, compress_and_save)
+from edgelm.commands.common import (add_calibration_arguments, add_device_argument, add_model_argument,
+                                    add_threads_argument, compress_and_save)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", required=True, help="YAML file: a list of steps, e.g. '- rtn: {bits: 4}'")
     add_calibration_arguments(parser)
     parser.add_argument("-o", "--output", required=True, help="output directory")
-    add_training_device_argument(parser)
+    add_device_argument(parser, training=True)
     add_threads_argument(parser)
 
 

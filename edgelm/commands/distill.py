@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from edgelm.commands.common import (add_calibration_arguments, add_model_argument, add_threads_argument,
-                                    add_training_device_argument)
+from edgelm.commands.common import (add_calibration_arguments, add_device_argument, add_model_argument,
+                                    add_threads_argument)
 
 METHODS = {"scales": "distill", "weights": "distill_weights", "blackbox": "distill_blackbox"}
 
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's)")
     add_calibration_arguments(parser)
     parser.add_argument("-o", "--output", required=True, help="output directory")
-    add_training_device_argument(parser)
+    add_device_argument(parser, training=True)
     add_threads_argument(parser)
 
 

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from collections.abc import Callable, Iterator
@@ -24,7 +23,7 @@ from torch.nn.utils import parametrize
 from edgelm.compress.quant.modules import PackedWeight, QuantizedEmbedding, QuantizedLinear
 from edgelm.compress.quant.primitives import fake_quantize
 from edgelm.compress.quant.rtn import QuantStep, rtn_quantize_weight, swap_in_quantized
-from edgelm.compress.recipe import Step, reference_model, target_modules
+from edgelm.compress.recipe import Step, progress, reference_model, target_modules
 from edgelm.errors import RecipeError
 
 
@@ -53,7 +52,7 @@ class DistillScales(Step):
                    if isinstance(m, QuantizedLinear) or (self.embedding and isinstance(m, QuantizedEmbedding))]
         if not modules:
             raise RecipeError("distill trains quantization scales: put it after a quantization step, e.g. [rtn, distill]")
-        with on_training_device(model, teacher), trainable_scales(modules) as gains:
+        with on_training_device(model, teacher, "distill"), trainable_scales(modules) as gains:
             train(gains, tokens, self.steps, self.lr, self.batch_size, "distill",
                   lambda batch: kl_divergence(teacher_logp(teacher, batch), F.log_softmax(model(batch).float(), -1)))
         return model
@@ -82,7 +81,7 @@ class QAT(QuantStep):
         if not linears:
             raise RecipeError("qat found no float linear layers to train; put it before other quantizers")
         tokens = calibration.tokens[:, : self.seq_len]
-        with on_training_device(model, teacher):
+        with on_training_device(model, teacher, "qat"):
             for _, module in linears:
                 parametrize.register_parametrization(module, "weight", FakeQuantize(self.scheme))
             weights = [module.parametrizations.weight.original for _, module in linears]
@@ -136,7 +135,8 @@ class DistillWeights(Step):
         for p in frozen:
             p.requires_grad_(False)
         try:
-            with on_training_device(model, teacher):  # moves keep the Parameter objects: the lists stay valid
+            # Moving keeps the Parameter objects, so the lists above stay valid.
+            with on_training_device(model, teacher, "distill_weights"):
                 train(trained, calibration.tokens[:, : self.seq_len], self.steps, self.lr, self.batch_size,
                       "distill_weights", lambda batch: kl_divergence(teacher_logp(teacher, batch),
                                                                      F.log_softmax(model(batch).float(), -1)))
@@ -200,22 +200,28 @@ class BlackBoxDistill(Step):
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
 
         # The teacher writes on the CPU (the compiled decode step); only the training loop moves.
-        with on_training_device(model, teacher), trainable_scales(modules) as gains:
+        with on_training_device(model, teacher, "distill_blackbox"), trainable_scales(modules) as gains:
             train(gains, tokens, self.steps, self.lr, self.batch_size, "distill_blackbox", next_token_loss)
         return model
 
 
 @contextmanager
-def on_training_device(model: nn.Module, teacher: nn.Module) -> Iterator[None]:
+def on_training_device(model: nn.Module, teacher: nn.Module, step: str) -> Iterator[None]:
     """Student and teacher on compress()'s `device` (e.g. a GPU) for a training loop, back on the CPU after.
-    Nothing moves on the CPU. The kernels' cached layouts are dropped by the moves (PackedWeight._apply)."""
+    Nothing moves on the CPU. Only float models move: packed layers decode and compute on the CPU."""
     device = model.__dict__.get("compression_device")
     if device is None or torch.device(device).type == "cpu":
         yield
         return
-    model.to(device)
-    teacher.to(device)
+    packed = [name for net in (model, teacher) for name, m in net.named_modules()
+              if isinstance(m, (QuantizedLinear, QuantizedEmbedding)) or hasattr(m, "weight_ap")]
+    if packed:
+        raise RecipeError(f"{step} on {device}: {len(packed)} layers (e.g. {packed[0]}) are packed, and packed "
+                          "layers compute on the CPU only; run it with --device cpu (on a GPU train float "
+                          "layers: distill_weights, qat)")
     try:
+        model.to(device)
+        teacher.to(device)
         yield
     finally:
         model.to("cpu")
@@ -229,20 +235,17 @@ def train(params: list[nn.Parameter], tokens: torch.Tensor, steps: int, lr: floa
           loss_of: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """Adam on `params` over random batches of token rows (moved to the params' device), with a progress bar
     showing the loss."""
-    from tqdm import tqdm
-
     generator = torch.Generator().manual_seed(0)
     optimizer = torch.optim.Adam(params, lr=lr)
     device = params[0].device
-    with torch.enable_grad(), tqdm(total=steps, desc=desc, unit="step", file=sys.stderr) as progress:
-        for _ in range(steps):
+    with torch.enable_grad(), progress(range(steps), desc, "step") as bar:
+        for _ in bar:
             batch = tokens[torch.randint(0, tokens.shape[0], (batch_size,), generator=generator)].to(device)
             loss = loss_of(batch)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-            progress.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ class Step:
     name: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False  # data-aware steps observe activations of calibration text
     needs_reference: ClassVar[bool] = False  # steps that compare with the uncompressed model (distillation)
+    changes_reference: ClassVar[bool] = False  # steps that re-express the reference too (AWQ's scale folding)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -102,11 +103,17 @@ def compress(model: nn.Module, recipe: list[Step] | Step, calibration: Any = Non
     returned model stay on the CPU.
     """
     steps = [recipe] if isinstance(recipe, Step) else list(recipe)
+    if device is not None:
+        from edgelm.runtime.device import resolve_device
+
+        device = resolve_device(device)
     if any(step.needs_reference for step in steps):
         # Set past nn.Module.__setattr__ so the copy is not registered as a submodule (its parameters
-        # must not count as the model's). An already-compressed model is given its teacher explicitly.
-        teacher = reference if reference is not None else copy.deepcopy(model)
-        object.__setattr__(model, "compression_reference", teacher.eval())
+        # must not count as the model's). An already-compressed model is given its teacher explicitly; a
+        # step that re-expresses the reference works on a copy of it, never on the caller's model.
+        if reference is None or any(step.changes_reference for step in steps):
+            reference = copy.deepcopy(model if reference is None else reference)
+        object.__setattr__(model, "compression_reference", reference.eval())
     if device is not None:
         model.__dict__["compression_device"] = device
     given = model

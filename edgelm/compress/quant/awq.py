@@ -214,6 +214,7 @@ def _foldable(previous: nn.Module | None, linears: list[nn.Module]) -> bool:
 class AWQ(QuantStep):
     name: ClassVar[str] = "awq"
     needs_calibration: ClassVar[bool] = True
+    changes_reference: ClassVar[bool] = True  # its scales are folded into the reference too (LoRC's basis)
 
     n_grid: int = 20  # α values searched in [0, 1)
     clip_search: bool = True  # shrink each group's range where that lowers its output error
