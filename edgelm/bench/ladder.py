@@ -43,18 +43,43 @@ MAX_PLOTTED_BPW = 12.0
 
 
 def plot(records: list[dict], path: Path, title: str) -> None:
+    """PPL against bpw: the first chunks on the left, and where rungs have it, every chunk on the right."""
     import textwrap
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    counts = {r["chunks"] for r in records if r.get("chunks")}
+    panels = [("ppl", f"first {counts.pop()} chunks" if len(counts) == 1 else "first chunks")]
+    if any(r.get("ppl_all") for r in records):
+        panels.append(("ppl_all", "all chunks"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(9 * len(panels), 6), dpi=120, squeeze=False)
+    hidden_notes = []
+    for ax, (key, label) in zip(axes[0], panels):
+        scored = [{**r, "ppl": r[key]} for r in records if r.get(key)]
+        hidden = _plot_panel(ax, scored, f"{title}, {label}")
+        hidden_notes += [f"{r['engine']} {r['name']} ({r['bpw']:.2f} bpw, {label} PPL {r['ppl']:.1f})"
+                         for r in sorted(hidden, key=lambda r: r["bpw"])]
+    if hidden_notes:
+        note = "\n".join(textwrap.wrap("Off the plot: " + "; ".join(hidden_notes), 150 * len(panels)))
+        fig.text(0.01, 0.01, note, fontsize=6, va="bottom")
+        fig.tight_layout(rect=(0, 0.02 + 0.018 * note.count("\n") + 0.018, 1, 1))
+    else:
+        fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.partial.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _plot_panel(ax, records: list[dict], title: str) -> list[dict]:
+    """One engine-coloured scatter with each engine's Pareto front; returns the records left off it."""
     import matplotlib.ticker
 
     best = min(r["ppl"] for r in records)
     shown = [r for r in records if r["ppl"] <= PLOTTED_PPL_RATIO * best and r["bpw"] <= MAX_PLOTTED_BPW] or records
-    hidden = [r for r in records if r not in shown]
-    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
     styles = {"edgelm": ("tab:blue", "o"), "llama.cpp": ("tab:orange", "s")}
     for engine, (color, marker) in styles.items():
         mine = [r for r in shown if r["engine"] == engine]
@@ -73,20 +98,10 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     ax.margins(x=0.04, y=0.12)  # room for the names
     ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.0f"))
-    ax.set_title(title + " (lines: each engine's Pareto front)")
+    ax.set_title(title + " (lines: each engine's Pareto front)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper right")
-    if hidden:
-        note = "Off the plot: " + "; ".join(f"{r['engine']} {r['name']} ({r['bpw']:.2f} bpw, PPL {r['ppl']:.1f})"
-                                            for r in sorted(hidden, key=lambda r: r["bpw"]))
-        fig.text(0.01, 0.01, "\n".join(textwrap.wrap(note, 150)), fontsize=6, va="bottom")
-        fig.tight_layout(rect=(0, 0.02 + 0.018 * len(textwrap.wrap(note, 150)), 1, 1))
-    else:
-        fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.partial.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    return [r for r in records if r not in shown]
 
 
 def render_report(records: list[dict], out_dir: Path, title: str) -> None:
