@@ -112,6 +112,24 @@ def test_quantize_anyprec_and_mixed(tiny, tmp_path):
     assert 4.75 <= model_size(model)["bits_per_weight"] <= 5.0
 
 
+def test_a_bad_output_path_fails_before_any_work(tiny, tmp_path):
+    """-o naming a file, or a directory that holds other things, is refused at once (not after compressing);
+    nothing is written there."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "other.txt").write_text("keep me too")
+    for out, message in ((a_file, "exists and is a file"), (busy, "is not an edgelm model directory")):
+        # data-free GPTQ would spend its time generating calibration samples before writing anything
+        done = edgelm_cli("quantize", "-m", tiny, "--method", "gptq", "-o", out)
+        assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert "calibration samples" not in done.stderr
+    assert a_file.read_text() == "keep me" and sorted(p.name for p in busy.iterdir()) == ["other.txt"]
+    done = edgelm_cli("export", "-m", tiny, "--type", "Q8_0", "-o", busy)
+    assert done.returncode == 1 and "is a directory" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_compress_with_a_yaml_recipe(tiny, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("- rtn: {bits: 8, group_size: 32, ignore: ['layers.0.*']}\n")

@@ -205,6 +205,8 @@ def test_self_speculative_draft_from_an_any_precision_directory(tmp_path):
     spec = run_cli(*common, "--draft", "3", "-v")
     assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
     assert spec.stdout == plain.stdout and "draft tokens accepted" in spec.stderr
+    not_a_store = run_cli("generate", "-m", str(path), "-p", "hello", "-n", "4", "--draft", "3")
+    assert not_a_store.returncode == 1 and "needs an any-precision model directory" in not_a_store.stderr
 
 
 @pytest.fixture(scope="module")

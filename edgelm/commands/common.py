@@ -156,9 +156,10 @@ def compress_and_save(args: argparse.Namespace, steps, reference_name: str | Non
     With `reference_name`, that model is the teacher of distillation steps (args.model being compressed)."""
     import edgelm
     from edgelm.compress import compress
-    from edgelm.io.artifact import model_size, save_artifact
+    from edgelm.io.artifact import check_output_dir, model_size, save_artifact
     from edgelm.runtime.device import resolve_device
 
+    check_output_dir(args.output)
     set_threads(args.threads)
     device = resolve_device(args.device) if getattr(args, "device", None) else None  # before any slow work
     model, tokenizer = edgelm.load(args.model)

@@ -85,9 +85,15 @@ def load_draft(args: argparse.Namespace, model):
     """The --draft model: another model, or this one at fewer bits (any-precision directories)."""
     if args.draft is None:
         return None
+    from edgelm.errors import EdgelmError
+    from edgelm.registry import resolve
     from edgelm.runtime.speculative import check_draft
 
     if args.draft.isdigit():
+        if not resolve(args.model).is_dir():
+            raise EdgelmError(f"--draft {args.draft} drafts with this model at {args.draft} bits, which needs an "
+                              "any-precision model directory (edgelm quantize --method anyprec -o DIR); or pass "
+                              "a smaller model to draft with, e.g. --draft qwen2.5-coder-0.5b-instruct")
         draft, _ = load_model(argparse.Namespace(model=args.model, bits=int(args.draft), device=args.device))
     else:
         draft, _ = load_model(argparse.Namespace(model=args.draft, device=args.device), for_inference=True,

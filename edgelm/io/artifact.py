@@ -33,6 +33,18 @@ def is_artifact(path: str | os.PathLike[str]) -> bool:
     return Path(path, CONFIG).is_file()
 
 
+def check_output_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """The directory a model may be written to: new, empty, or an edgelm model directory (replaced). Checked
+    before any long work, so that a bad -o fails in a second, not after the compression."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ModelFormatError(f"{out_dir}: exists and is a file, not a directory; choose another -o")
+    if out_dir.exists() and not is_artifact(out_dir) and any(out_dir.iterdir()):
+        raise ModelFormatError(f"{out_dir}: exists and is not an edgelm model directory; refusing to overwrite "
+                               "it, choose another -o")
+    return out_dir
+
+
 def save_artifact(model: nn.Module, tokenizer, out_dir: str | os.PathLike[str], *,
                   recipe: list[dict[str, Any]] | None = None, source: str | None = None,
                   calibration: list[dict[str, Any]] | None = None) -> Path:
@@ -40,10 +52,7 @@ def save_artifact(model: nn.Module, tokenizer, out_dir: str | os.PathLike[str], 
     the texts the recipe calibrated on (Calibration.record()), oldest first."""
     from safetensors.torch import save_file
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not is_artifact(out_dir) and any(out_dir.iterdir()):
-        raise ModelFormatError(f"{out_dir}: exists and is not an edgelm model directory; refusing to overwrite "
-                               "it, choose another -o")
+    out_dir = check_output_dir(out_dir)
     _plane_layout(model)
     config = {
         "format": FORMAT,

@@ -79,6 +79,8 @@ def export_gguf(model, tokenizer, out_path: str | os.PathLike[str], type_name: s
     args = model.args
     names = architecture_module(args.arch).tensor_names(args)
     out_path = Path(out_path)
+    if out_path.is_dir():
+        raise EdgelmError(f"{out_path}: is a directory; pass the path of the .gguf file to write with -o")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent)
     os.close(fd)
