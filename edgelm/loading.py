@@ -63,8 +63,8 @@ def _set_bits(model, bits: int, path: Path) -> None:
                                "`edgelm quantize --method anyprec -o DIR`")
     highest = min(m.weight_ap.max_bits for m in layers)
     # The recipe's min_bits: the lowest precision the directory was made to offer.
-    lowest = max([2] + [step["anyprec"].get("min_bits", 2) for step in getattr(model, "artifact_config", {}).get(
-        "recipe", []) if isinstance(step, dict) and "anyprec" in step])
+    recipe = getattr(model, "artifact_config", {}).get("recipe", [])
+    lowest = max((step["anyprec"].get("min_bits", 2) for step in recipe if "anyprec" in step), default=2)
     if not lowest <= bits <= highest:
         raise ModelFormatError(f"{path}: holds {lowest} to {highest} bits per weight, not {bits}; choose --bits in "
                                "that range")
