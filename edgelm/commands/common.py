@@ -151,10 +151,9 @@ def calibration_for(args: argparse.Namespace, model, tokenizer):
     return calibration_from_model(model, tokenizer, samples, seq_len)
 
 
-def compress_and_save(args: argparse.Namespace, steps, reference_name: str | None = None, check=None) -> int:
+def compress_and_save(args: argparse.Namespace, steps, reference_name: str | None = None) -> int:
     """Load args.model, apply the steps (with calibration if one needs it), write args.output, report size.
-    With `reference_name`, that model is the teacher of distillation steps (args.model being compressed);
-    `check(model)` runs right after loading, to refuse an unsuitable model before the long work."""
+    With `reference_name`, that model is the teacher of distillation steps (args.model being compressed)."""
     import edgelm
     from edgelm.compress import compress
     from edgelm.io.artifact import check_output_dir, model_size, save_artifact
@@ -164,8 +163,7 @@ def compress_and_save(args: argparse.Namespace, steps, reference_name: str | Non
     set_threads(args.threads)
     device = resolve_device(args.device) if getattr(args, "device", None) else None  # before any slow work
     model, tokenizer = edgelm.load(args.model)
-    if check is not None:
-        check(model)
+    steps[0].check(model)  # refuse an unsuitable model before calibrating (compress() checks each step again)
     calibration = calibration_for(args, model, tokenizer) if any(s.needs_calibration for s in steps) else None
     reference = edgelm.load(reference_name)[0] if reference_name else None
     source = getattr(model, "source", None)

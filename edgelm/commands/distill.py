@@ -46,15 +46,4 @@ def run(args: argparse.Namespace) -> int:
         del student
         if teacher is None:
             raise EdgelmError(f"{args.model} records no source model to learn from; pass --teacher MODEL")
-    return compress_and_save(args, steps, reference_name=teacher, check=lambda model: check_student(model, args))
-
-
-def check_student(model, args: argparse.Namespace) -> None:
-    """scales/blackbox train the scales of packed layers; weights trains float ones: say so before calibrating."""
-    from edgelm.compress.quant.modules import QuantizedLinear
-    from edgelm.errors import EdgelmError
-
-    packed = any(isinstance(m, QuantizedLinear) for m in model.modules())
-    if args.method in ("scales", "blackbox") and not packed:
-        raise EdgelmError(f"{args.model} has no quantized layers, and --method {args.method} trains their scales: "
-                          "quantize it first (edgelm quantize ... -o DIR) and distill DIR, or use --method weights")
+    return compress_and_save(args, steps, reference_name=teacher)

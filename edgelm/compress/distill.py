@@ -43,15 +43,19 @@ class DistillScales(Step):
         if self.steps < 1 or self.lr <= 0 or self.batch_size < 1 or self.seq_len < 2:
             raise RecipeError("distill: steps, batch_size must be >= 1, seq_len >= 2 and lr > 0")
 
+    def check(self, model: nn.Module) -> None:
+        require_scales(self._trained(model), self.name)
+
+    def _trained(self, model: nn.Module) -> list[nn.Module]:
+        return [m for m in model.modules()
+                if isinstance(m, QuantizedLinear) or (self.embedding and isinstance(m, QuantizedEmbedding))]
+
     def apply(self, model: nn.Module, calibration: Any = None) -> nn.Module:
         if calibration is None:
             raise RecipeError("distill needs calibration text (--calib FILE, or data-free samples)")
         teacher = reference_model(model, "distill")
         tokens = calibration.tokens[:, : self.seq_len]
-        modules = [m for m in model.modules()
-                   if isinstance(m, QuantizedLinear) or (self.embedding and isinstance(m, QuantizedEmbedding))]
-        if not modules:
-            raise RecipeError("distill trains quantization scales: put it after a quantization step, e.g. [rtn, distill]")
+        modules = self._trained(model)
         with on_training_device(model, teacher, "distill"), trainable_scales(modules) as gains:
             train(gains, tokens, self.steps, self.lr, self.batch_size, "distill",
                   lambda batch: kl_divergence(teacher_logp(teacher, batch), F.log_softmax(model(batch).float(), -1)))
@@ -178,6 +182,9 @@ class BlackBoxDistill(Step):
         if self.samples < 1 or self.steps < 1 or self.lr <= 0 or not 1 <= self.prompt_tokens < self.seq_len:
             raise RecipeError("distill_blackbox: samples, steps >= 1, lr > 0 and 1 <= prompt_tokens < seq_len")
 
+    def check(self, model: nn.Module) -> None:
+        require_scales([m for m in model.modules() if isinstance(m, QuantizedLinear)], self.name)
+
     def apply(self, model: nn.Module, calibration: Any = None) -> nn.Module:
         from edgelm.runtime.generate import generate_step
         from edgelm.runtime.sampling import Sampler, SamplingParams
@@ -186,8 +193,6 @@ class BlackBoxDistill(Step):
             raise RecipeError("distill_blackbox needs calibration prompts (--calib FILE, or data-free samples)")
         teacher = reference_model(model, "distill_blackbox")
         modules = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
-        if not modules:
-            raise RecipeError("distill_blackbox trains quantization scales: put it after a quantization step")
         texts = []
         for i, row in enumerate(calibration.tokens[: self.samples]):
             prompt = row[: self.prompt_tokens].tolist()
@@ -203,6 +208,13 @@ class BlackBoxDistill(Step):
         with on_training_device(model, teacher, "distill_blackbox"), trainable_scales(modules) as gains:
             train(gains, tokens, self.steps, self.lr, self.batch_size, "distill_blackbox", next_token_loss)
         return model
+
+
+def require_scales(modules: list[nn.Module], step: str) -> None:
+    if not modules:
+        raise RecipeError(f"the model has no quantized layers, and {step} trains their scales: put it after a "
+                          f"quantization step (e.g. [rtn, {step}]) or quantize the model first "
+                          "(edgelm quantize ... -o DIR); distill_weights trains float weights instead")
 
 
 @contextmanager

@@ -39,6 +39,9 @@ class Step:
         if cls.name:
             STEPS[cls.name] = cls
 
+    def check(self, model: nn.Module) -> None:
+        """Refuse a model this step cannot work on (RecipeError), before anything slow such as calibration."""
+
     def apply(self, model: nn.Module, calibration: Any = None) -> nn.Module:
         raise NotImplementedError
 
@@ -119,6 +122,7 @@ def compress(model: nn.Module, recipe: list[Step] | Step, calibration: Any = Non
     given = model
     try:
         for step in steps:
+            step.check(model)
             model = step.apply(model, calibration)
     finally:
         for holder in (given, model):  # a step that builds a new model hands these on to it
